@@ -1,0 +1,27 @@
+"""Shared command-line plumbing: one-line argument errors, common options, quiet TVM logs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from .errors import OhqError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + error; we want one line
+        raise OhqError(message)
+
+
+def common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="ONNX model")
+    parser.add_argument("--target", default="llvm", help="llvm (this CPU), aarch64, armv7 or TVM target JSON")
+    parser.add_argument("--input-shape", help="static input shape, e.g. 1,3,224,224 (for dynamic models)")
+    parser.add_argument("--threads", type=int, help="threads the model runs with (default: TVM_NUM_THREADS or all cores)")
+    parser.add_argument("--work-dir", type=Path, default=Path("tuning_logs"), help="tuning logs (default: tuning_logs)")
+
+
+def quiet_tvm_logs() -> None:
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    os.environ.setdefault("TVM_LOG_DEBUG", "0")

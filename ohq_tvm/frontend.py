@@ -1,0 +1,151 @@
+"""ONNX -> Relax: one static input, weights bound as constants, BatchNorm folded, NHWC layout.
+
+Convolutions are converted to NHWC activations / OHWI weights (one transpose at the model input):
+the integer kernels and the scheduled FP32 kernels all work on channels-last tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
+
+from .errors import OhqError
+
+
+@dataclass(frozen=True)
+class Imported:
+    mod: tvm.IRModule            # main(input) -> output, params bound and folded, convs NHWC/OHWI
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    ops: tuple[str, ...]         # ONNX op types in the model, for the report
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise OhqError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise OhqError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise OhqError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node:
+        raise OhqError(f"{path}: not an ONNX model (no graph nodes)")
+    return model
+
+
+def _single_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise OhqError(f"model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                       "exactly one image/feature input is supported")
+    return inputs[0]
+
+
+def _static_shape(inp: onnx.ValueInfoProto, override: tuple[int, ...] | None) -> tuple[int, ...]:
+    dims = inp.type.tensor_type.shape.dim
+    declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    if override is not None:
+        if len(override) != len(declared) or any(d is not None and d != o for d, o in zip(declared, override)):
+            shown = ",".join("?" if d is None else str(d) for d in declared)
+            raise OhqError(f"--input-shape {','.join(map(str, override))} does not fit input "
+                           f"'{inp.name}' of shape [{shown}]")
+        return tuple(override)
+    if any(d is None for d in declared):
+        shown = ",".join(d.dim_param or "?" if not d.dim_value else str(d.dim_value) for d in dims)
+        raise OhqError(f"input '{inp.name}' has dynamic dimensions [{shown}]; pass --input-shape, "
+                       f"e.g. --input-shape {','.join(str(d or 1) for d in declared)}")
+    return tuple(declared)
+
+
+def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Imported:
+    path = Path(path)
+    model = _read(path)
+    inp = _single_input(model)
+    elem = inp.type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise OhqError(f"input '{inp.name}' is {onnx.TensorProto.DataType.Name(elem)}; "
+                       "only float32 inputs are supported")
+    shape = _static_shape(inp, input_shape)
+    ops = tuple(n.op_type for n in model.graph.node)
+    unknown = sorted(set(ops) - set(onnx_frontend._get_convert_map()))
+    if unknown:
+        raise OhqError(f"the TVM ONNX importer cannot read operator(s): {', '.join(unknown)}")
+    try:
+        mod = from_onnx(model, shape_dict={inp.name: list(shape)}, keep_params_in_input=True)
+    except Exception as e:
+        raise OhqError(f"TVM could not import {path.name}: {str(e).strip().splitlines()[-1]}") from None
+    return Imported(mod=_bind_and_fold(mod), input_name=inp.name, input_shape=shape,
+                    input_dtype="float32", ops=ops)
+
+
+@mutator
+class _ClampToOps(PyExprMutator):
+    """The ONNX importer emits Clip as call_tir(maximum/minimum) PrimFuncs, which ConvertLayout
+    cannot see through (it wraps each in two transposes) and which do not fuse into the conv:
+    turn them back into Relax operators."""
+    OPS = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if call.op != tvm.ir.Op.get("relax.call_tir"):
+            return call
+        name = call.args[0].name_hint.rstrip("0123456789")
+        args = call.args[1].fields
+        if name in self.OPS and len(args) == 2 and isinstance(args[1], tvm.ir.expr.GenericConst) \
+                and len(args[1].ty.shape) == 0:
+            return self.OPS[name](args[0], args[1])
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClampToOps")
+def clamp_to_ops(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    mutator_ = _ClampToOps(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+    return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+
+
+def _bind_and_fold(mod: tvm.IRModule) -> tvm.IRModule:
+    mod, params = relax.frontend.detach_params(mod)
+    names = [v.name for v in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params.get("main", []))))(mod)
+    return tvm.transform.Sequential([
+        relax.transform.FoldConstant(),
+        clamp_to_ops,
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),   # BN not after a conv -> elementwise
+        relax.transform.FoldConstant(),               # ConvertLayout segfaults on computed weights
+        relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+    ])(mod)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise OhqError(f"--input-shape {text!r}: expected comma-separated integers, e.g. 1,3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise OhqError(f"--input-shape {text!r}: dimensions must be positive")
+    return shape
+
+
+def run_onnxruntime(path: str | Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Reference output (first output) from onnxruntime."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

@@ -1,0 +1,106 @@
+"""Integer kernels for quantized layers: one parameterized template per arithmetic family.
+
+| family     | configs             | arithmetic                                                  |
+|------------|---------------------|-------------------------------------------------------------|
+| dot        | W8A8, W4A8, W2A8    | u8 x s8 dot-4: vpdpbusd (AVX-512 VNNI), vpmaddubsw (AVX2),   |
+|            |                     | widening multiply-add (NEON, generic); low-bit weights are   |
+|            |                     | packed and unpacked in registers                             |
+| bitserial  | W4A4, W2A2, W1A2,   | bit-planes, AND + popcount, shifts in the epilogue           |
+|            | W1A1                |                                                              |
+| grouped    | any wbits, A8       | depthwise / grouped: multiply-adds vectorized over channels  |
+| FP32       | FP32                | MetaSchedule (ohq_tvm.tune), the fallback and the reference  |
+
+Every kernel quantizes its float input itself and ends in the float epilogue (scale, bias with the
+zero-point correction, clamp), so its measured time is what the layer costs in the network.
+The scheme (symmetric per-channel weights, asymmetric per-tensor activations) is in `scheme`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from ..layers import Layer
+from . import bitserial, conv, grouped
+from .conv import Geometry, Knobs
+from .isa import Isa, isa_of
+from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
+
+__all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Isa", "Knobs", "Packed", "build", "family",
+           "isa_of", "knob_space", "pack", "parse_config", "simulate"]
+
+
+def family(layer: Layer, config: Config) -> str | None:
+    """The template that implements `config` for `layer`, or None (FP32, or no integer kernel)."""
+    if config.family == "fp32":
+        return None
+    if layer.groups > 1:
+        return "grouped" if config.abits == 8 else None
+    return "dot" if config.abits == 8 else "bitserial"
+
+
+def knob_space(layer: Layer, config: Config, isa: Isa) -> list[Knobs]:
+    g = Geometry.of(layer)
+    return {"dot": lambda: conv.knob_space(g, isa),
+            "bitserial": lambda: bitserial.knob_space(g, isa, config.abits, config.wbits),
+            "grouped": lambda: grouped.knob_space(g, isa)}[family(layer, config)]()
+
+
+def build(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc kernel(x, w, chan, q) -> out of `layer` at `config`."""
+    g, isa = Geometry.of(layer), isa_of(target)
+    kind = family(layer, config)
+    if kind == "dot":
+        return conv.dot_kernel(g, layer.input_shape, isa, knobs, config.wbits)
+    if kind == "bitserial":
+        return bitserial.bitserial_kernel(g, layer.input_shape, isa, knobs, config.abits, config.wbits)
+    if kind == "grouped":
+        return grouped.grouped_kernel(g, layer.input_shape, isa, knobs)
+    raise ValueError(f"no integer kernel for {config.name} on {layer.id} ({layer.kind})")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A layer's constant kernel arguments, plus what the float simulation needs."""
+    w: np.ndarray          # packed weight codes, the template's layout
+    chan: np.ndarray       # f32 [2, O]: scale, offset
+    q: np.ndarray          # f32 [4]: 1/activation scale, zero point, clamp lo, clamp hi
+    codes: np.ndarray      # signed weight codes [O, KH, KW, C/groups]
+    act: ActQuant
+
+
+def _ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
+    return weight.T[:, None, None, :] if layer.op == "matmul" else weight
+
+
+def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarray, bias: np.ndarray | None,
+         act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf)) -> Packed:
+    """Quantize `weight` (the layer's float weight, as the graph holds it) and lay it out for the kernel."""
+    codes, wscale = quantize_weights(_ohwi(layer, weight), config.wbits,
+                                     reduce_range=isa.reduce_range and family(layer, config) == "dot")
+    o = codes.shape[0]
+    scale = (np.float32(act.scale) * wscale).astype(np.float32)
+    bias = np.zeros(o, np.float32) if bias is None else bias.astype(np.float32)
+    offset = bias - scale * np.float32(act.zero_point) * codes.reshape(o, -1).sum(1).astype(np.float32)
+    kind = family(layer, config)
+    if kind == "dot":
+        w = conv.pack_dot_weights(codes, isa, knobs, config.wbits)
+    elif kind == "bitserial":
+        w = bitserial.pack_bitserial_weights(codes, isa, knobs, config.wbits)
+    else:
+        w = grouped.pack_grouped_weights(codes, isa, knobs)
+    q = np.array([act.inv_scale, act.zero_point, clamp[0], clamp[1]], np.float32)
+    return Packed(w, np.stack([scale, offset.astype(np.float32)]), q, codes, act)
+
+
+def simulate(layer: Layer, packed: Packed, x: np.ndarray) -> np.ndarray:
+    """numpy model of the kernel: integer-exact core, then the same float32 epilogue."""
+    g = Geometry.of(layer)
+    qa = packed.act.quantize(x).reshape(g.n, g.h, g.w, g.c)
+    z = packed.act.zero_point
+    # kernels accumulate sum qa * q (zero point included) and subtract z * sum q in the offset
+    raw = conv_reference(qa, z, packed.codes, g.strides, g.padding, g.groups) \
+        + z * packed.codes.reshape(len(packed.codes), -1).sum(1).astype(np.int64)
+    y = raw.astype(np.float32) * packed.chan[0] + packed.chan[1]
+    return np.clip(y, packed.q[2], packed.q[3]).reshape(layer.output_shape)

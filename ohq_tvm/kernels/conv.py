@@ -1,0 +1,202 @@
+"""One template for 8-bit-activation integer layers: quantize input -> u8 x s8 dot -> float epilogue.
+
+A layer (conv2d NHWC/OHWI, or matmul seen as a 1x1 conv over rows) becomes one PrimFunc
+
+    out = kernel(x: f32 [input shape], w: packed codes, chan: f32 [2, O], q: f32 [4])
+
+with chan = (scale, offset) per output channel (offset folds bias and the zero-point correction)
+and q = (1/activation scale, zero point, clamp lo, clamp hi), so identical shapes share a kernel.
+Weights with fewer than 8 bits are packed several to a byte and unpacked in registers
+(`wbits`); the arithmetic is the same dot product, so it is one template for W8A8, W4A8, W2A8.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te
+
+from ..layers import Layer
+from .isa import Isa
+from .scheme import conv_reference  # noqa: F401  (re-exported for tests)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A layer as an NHWC convolution; a matmul [M, K] x [K, N] is a 1x1 conv over a 1 x M image."""
+    n: int
+    h: int
+    w: int
+    c: int
+    o: int
+    kh: int
+    kw: int
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]   # top, left, bottom, right
+    groups: int
+
+    @property
+    def oh(self) -> int:
+        return (self.h + self.padding[0] + self.padding[2] - self.kh) // self.strides[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.w + self.padding[1] + self.padding[3] - self.kw) // self.strides[1] + 1
+
+    @classmethod
+    def of(cls, layer: Layer) -> "Geometry":
+        if layer.op == "matmul":
+            m = int(np.prod(layer.input_shape[:-1]))
+            return cls(1, 1, m, layer.weight_shape[0], layer.weight_shape[1], 1, 1, (1, 1), (0, 0, 0, 0), 1)
+        n, h, w, c = layer.input_shape
+        o, kh, kw, _ = layer.weight_shape
+        return cls(n, h, w, c, o, kh, kw, tuple(layer.strides), tuple(layer.padding), layer.groups)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    tile_w: int     # output pixels per register tile
+    tile_o: int     # vector registers of output channels per tile (NB)
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def knob_space(g: Geometry, isa: Isa) -> list[Knobs]:
+    """Register tiles that fit the register file, widest first; bounded (<= 6) so search stays cheap."""
+    blocks = _ceil(g.o, isa.lanes) // isa.lanes
+    tiles = [Knobs(tw, nb) for tw in range(1, min(g.ow, 16) + 1) for nb in (1, 2, 3, 4, 6, 8)
+             if blocks % nb == 0 and g.ow % tw == 0 and 4 <= tw * nb + nb <= isa.registers - 2
+             or (tw == 1 and nb == 1)]
+    tiles.sort(key=lambda k: (-(k.tile_w * k.tile_o), -k.tile_o))
+    return tiles[:6]
+
+
+def _input_view(x: te.Tensor, g: Geometry):
+    """x in its own shape -> accessor (n, h, w, c) of the NHWC image the kernel sees."""
+    if len(x.shape) == 4:
+        return lambda n, h, w, c: x[n, h, w, c]
+    return lambda n, h, w, c: x[w, c]
+
+
+def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wbits: int = 8) -> tvm.tirx.PrimFunc:
+    """Quantize (8-bit activations) + dense conv / matmul with a u8 x s8 dot-4 inner product."""
+    assert g.groups == 1
+    lanes, nb = isa.lanes, knobs.tile_o
+    per = 8 // wbits                                    # weight codes per byte (along channel blocks)
+    c4 = _ceil(g.c, 4 * per)
+    o_pad = _ceil(g.o, lanes * nb)
+    hp, wp = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
+    top, left = g.padding[0], g.padding[1]
+
+    x = te.placeholder(x_shape, "float32", name="x")
+    w_dtype = "int8" if wbits == 8 else "uint8"
+    w = te.placeholder((o_pad // (lanes * nb), g.kh, g.kw, c4 // (4 * per), nb, lanes, 4), w_dtype, name="w")
+    chan = te.placeholder((2, g.o), "float32", name="chan")
+    q = te.placeholder((4,), "float32", name="q")
+    view = _input_view(x, g)
+
+    def quantized(n, h, w_, c):
+        # spatial padding is the code of 0.0 (z); padded channels are code 0 so they add nothing
+        # whatever their (bipolar) weight
+        inside = tvm.tirx.all(h >= top, h < g.h + top, w_ >= left, w_ < g.w + left)
+        code = te.round(view(n, h - top, w_ - left, c) * q[0]) + q[1]
+        clipped = te.max(te.min(code, tvm.tirx.const(255.0, "float32")), tvm.tirx.const(0.0, "float32"))
+        value = tvm.tirx.if_then_else(inside, clipped, q[1])
+        return tvm.tirx.if_then_else(c < g.c, value, tvm.tirx.const(0.0, "float32")).astype("uint8")
+    a = te.compute((g.n, hp, wp, c4), quantized, name="a")
+
+    if wbits == 8:
+        wu = w
+    else:
+        mask, half = (1 << wbits) - 1, 1 << (wbits - 1)
+
+        def unpack(ob, y, xx, cb, j, i, k):
+            v = (w[ob, y, xx, cb // per, j, i, k] >> ((cb % per) * wbits).astype("uint8")) & tvm.tirx.const(mask, "uint8")
+            if wbits == 1:   # bipolar: bit 1 -> +1, bit 0 -> -1
+                return v.astype("int8") * tvm.tirx.const(2, "int8") - tvm.tirx.const(1, "int8")
+            return (v ^ tvm.tirx.const(half, "uint8")).astype("int8") - tvm.tirx.const(half, "int8")
+        wu = te.compute((o_pad // (lanes * nb), g.kh, g.kw, c4 // 4, nb, lanes, 4), unpack, name="wu")
+
+    ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, c4), "rc")
+    sh, sw = g.strides
+    acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
+        a[n, h * sh + ry, w_ * sw + rx, rc].astype("int32")
+        * wu[o // (lanes * nb), ry, rx, rc // 4, (o // lanes) % nb, o % lanes, rc % 4].astype("int32"),
+        axis=[ry, rx, rc]), name="acc")
+    out_shape = (g.n, g.oh, g.ow, g.o) if len(x_shape) == 4 else (g.ow, g.o)
+    out_index = (lambda n, h, w_, o: (n, h, w_, o)) if len(x_shape) == 4 else (lambda m, o: (0, 0, m, o))
+
+    def epilogue(*idx):
+        n, h, w_, o = out_index(*idx)
+        y = acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o]
+        return te.max(te.min(y, q[3]), q[2])
+    out = te.compute(out_shape, epilogue, name="out")
+    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits != 8, len(x_shape) == 4)
+
+
+def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, unpack: bool, image: bool) -> tvm.tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    a = sch.get_sblock("a")
+    a_loops = sch.get_loops(a)
+    sch.parallel(sch.fuse(*a_loops[:2]))
+    acc = sch.get_sblock("acc")
+    n, h, w, o, ry, rx, rc = sch.get_loops(acc)
+    wo, wi = sch.split(w, [None, knobs.tile_w])
+    oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
+    rco, rci = sch.split(rc, [None, 4])
+    sch.reorder(n, h, wo, oo, ry, rx, rco, wi, ob, oi, rci)
+    sch.parallel(sch.fuse(n, h, wo, oo))
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, sch.get_loops(acc)[0])
+    _vectorize_inner(sch, out)
+    if unpack:   # unpack the tile's weights next to their use, into registers / L1
+        wu = sch.get_sblock("wu")
+        sch.compute_at(wu, rco)
+        sch.set_scope(wu, 0, "local")
+        wl = sch.get_loops(wu)
+        sch.vectorize(sch.fuse(wl[-2], wl[-1]))
+    intrin = isa.intrinsic("local" if unpack else "global", "local")
+    sch.unroll(wi)
+    sch.unroll(ob)
+    if intrin is None:      # vectorize before decompose_reduction, which would block it
+        sch.vectorize(oi)
+        sch.unroll(rci)
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if intrin:
+        sch.tensorize(oi, intrin)
+    return sch.mod["main"]
+
+
+def pack_dot_weights(codes: np.ndarray, isa: Isa, knobs: Knobs, wbits: int = 8) -> np.ndarray:
+    """Codes [O, KH, KW, C] (signed; +-1 for 1 bit) -> the template's weight layout.
+
+    Output channels are padded to whole register tiles and input channels to 4 * codes-per-byte,
+    with zero codes (a bipolar pad weight is -1, but meets a zero activation code: see dot_kernel).
+    """
+    lanes, nb, per = isa.lanes, knobs.tile_o, 8 // wbits
+    o, kh, kw, c = codes.shape
+    o_pad, c_pad = _ceil(o, lanes * nb), _ceil(c, 4 * per)
+    padded = np.zeros((o_pad, kh, kw, c_pad), np.int8)
+    padded[:o, :, :, :c] = codes
+    tiled = padded.reshape(o_pad // (lanes * nb), nb, lanes, kh, kw, c_pad // (4 * per), per, 4)
+    tiled = tiled.transpose(0, 3, 4, 5, 6, 1, 2, 7)            # [ob, kh, kw, cb, per, nb, lanes, 4]
+    if wbits == 8:
+        return np.ascontiguousarray(tiled.reshape(tiled.shape[:3] + (-1,) + tiled.shape[5:]))
+    bits = (tiled + 1) // 2 if wbits == 1 else tiled & ((1 << wbits) - 1)
+    packed = np.zeros(tiled.shape[:4] + tiled.shape[5:], np.uint8)
+    for p in range(per):
+        packed |= (bits[:, :, :, :, p].astype(np.uint8) << (p * wbits)).astype(np.uint8)
+    return packed
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block) -> None:
+    """Vectorize a computed-at epilogue's innermost loop, unless unit extents left it only the anchor loop."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.vectorize(loops[-1])

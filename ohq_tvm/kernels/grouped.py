@@ -1,0 +1,77 @@
+"""Depthwise and grouped convolutions with 8-bit activations: no channel reduction to put in a
+dot-4 intrinsic, so the multiply-adds are vectorized across output channels (widening int
+arithmetic LLVM picks per ISA). Weight codes are stored one per int8 whatever their bit-width:
+depthwise weights are a few KiB and never the bottleneck.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te
+
+from .conv import Geometry, Knobs, _ceil, _input_view, _vectorize_inner
+from .isa import Isa
+
+
+def knob_space(g: Geometry, isa: Isa) -> list[Knobs]:
+    vectors = _ceil(g.o, isa.lanes) // isa.lanes
+    tiles = [Knobs(tw, nb) for tw in (1, 2, 4, 7, 8, 14) for nb in (1, 2, 4)
+             if g.ow % tw == 0 and vectors % nb == 0 and tw * nb <= isa.registers // 2]
+    tiles.sort(key=lambda k: (-(k.tile_w * k.tile_o), -k.tile_o))
+    return tiles[:6] or [Knobs(1, 1)]
+
+
+def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs) -> tvm.tirx.PrimFunc:
+    og, cg = g.o // g.groups, g.c // g.groups
+    o_pad = _ceil(g.o, isa.lanes * knobs.tile_o)
+    hp, wp = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
+    top, left = g.padding[0], g.padding[1]
+    x = te.placeholder(x_shape, "float32", name="x")
+    w = te.placeholder((g.kh, g.kw, cg, o_pad), "int8", name="w")
+    chan = te.placeholder((2, g.o), "float32", name="chan")
+    q = te.placeholder((4,), "float32", name="q")
+    view = _input_view(x, g)
+
+    def quantized(n, h, w_, c):
+        inside = tvm.tirx.all(h >= top, h < g.h + top, w_ >= left, w_ < g.w + left)
+        code = te.max(te.min(te.round(view(n, h - top, w_ - left, c) * q[0]) + q[1], 255.0), 0.0)
+        return tvm.tirx.if_then_else(inside, code, q[1]).astype("uint8")
+    a = te.compute((g.n, hp, wp, g.c), quantized, name="a")
+    ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, cg), "rc")
+    sh, sw = g.strides
+    channel = (lambda o, c: te.min(o, g.o - 1)) if cg == 1 and og == 1 else (lambda o, c: te.min(o // og, g.groups - 1) * cg + c)
+    acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
+        a[n, h * sh + ry, w_ * sw + rx, channel(o, rc)].astype("int32") * w[ry, rx, rc, o].astype("int32"),
+        axis=[ry, rx, rc]), name="acc")
+    out = te.compute((g.n, g.oh, g.ow, g.o), lambda n, h, w_, o: te.max(te.min(
+        acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q[3]), q[2]), name="out")
+
+    sch = s_tir.Schedule(te.create_prim_func([x, w, chan, q, out]))
+    al = sch.get_loops(sch.get_sblock("a"))
+    sch.parallel(sch.fuse(al[0], al[1]))
+    sch.vectorize(al[-1])
+    block = sch.get_sblock("acc")
+    n, h, w_, o, lry, lrx, lrc = sch.get_loops(block)
+    wo, wi = sch.split(w_, [None, knobs.tile_w])
+    oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
+    sch.reorder(n, h, wo, oo, lrc, lry, lrx, wi, ob, oi)
+    sch.parallel(sch.fuse(n, h, wo, oo))
+    sch.set_scope(block, 0, "local")
+    out_block = sch.get_sblock("out")
+    sch.reverse_compute_at(out_block, sch.get_loops(block)[0])
+    _vectorize_inner(sch, out_block)
+    for loop in (lry, lrx, wi, ob):
+        sch.unroll(loop)
+    sch.vectorize(oi)
+    init = sch.decompose_reduction(block, lrc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"]
+
+
+def pack_grouped_weights(codes: np.ndarray, isa: Isa, knobs: Knobs) -> np.ndarray:
+    """Codes [O, KH, KW, C/groups] -> [KH, KW, C/groups, O padded to whole tiles] int8."""
+    o = codes.shape[0]
+    padded = np.zeros((_ceil(o, isa.lanes * knobs.tile_o),) + codes.shape[1:], np.int8)
+    padded[:o] = codes
+    return np.ascontiguousarray(padded.transpose(1, 2, 3, 0))

@@ -1,0 +1,84 @@
+"""The vector ISA a target offers the integer kernels, and its u8 x s8 dot-product tensor intrinsics.
+
+Each intrinsic computes C[i] += sum_k A[k] * B[i, k] for `lanes` int32 lanes and k < 4
+(A: 4 uint8 activations broadcast to every lane, B: int8 weights [lanes, 4]).
+- avx512-vnni: vpdpbusd, 16 lanes.
+- avx2: vpmaddubsw + vpmaddwd, 8 lanes. vpmaddubsw saturates int16 pair sums, hence 7-bit
+  weights on this path (see scheme.py).
+- generic (ARM NEON, plain x86): no intrinsic; LLVM vectorizes the widening multiply-adds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import tvm
+import tvm.s_tir as s_tir
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+
+@dataclass(frozen=True)
+class Isa:
+    name: str           # "avx512-vnni" | "avx2" | "generic"
+    lanes: int          # int32 accumulator lanes of one vector register
+    registers: int      # vector registers, bounds the register tile
+    reduce_range: bool  # 7-bit INT8 weights (vpmaddubsw saturation)
+
+    def intrinsic(self, b_scope: str, c_scope: str) -> str | None:
+        return None if self.name == "generic" else _register(self.name, self.lanes, b_scope, c_scope)
+
+
+def isa_of(target: tvm.target.Target) -> Isa:
+    features = codegen.llvm_get_cpu_features(target)
+    if "avx512vnni" in features and "avx512bw" in features:
+        return Isa("avx512-vnni", 16, 32, False)
+    if "avx2" in features:
+        return Isa("avx2", 8, 16, True)
+    return Isa("generic", 4, 32 if "aarch64" in str(target.attrs.get("mtriple", "")) else 16, False)
+
+
+def _vnni_impl(A, B, C, lanes):
+    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype="int8x64")
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                                   C.vload([0], "int32x16"), a, B.vload([0, 0], "int8x64"), dtype="int32x16")
+
+
+def _avx2_impl(A, B, C, lanes):
+    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype="int8x32")
+    pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                    a, B.vload([0, 0], "int8x32"), dtype="int16x16")
+    quads = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                    pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+    return C.vload([0], "int32x8") + quads
+
+
+_IMPLS = {"avx512-vnni": _vnni_impl, "avx2": _avx2_impl}
+
+
+@cache
+def _register(isa: str, lanes: int, b_scope: str, c_scope: str) -> str:
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1, scope=b_scope),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1, scope=b_scope),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = _IMPLS[isa](A, B, C, lanes)
+
+    name = f"ohq_dot_u8s8_{isa}_{b_scope}_{c_scope}"
+    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    return name

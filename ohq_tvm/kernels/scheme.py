@@ -1,0 +1,116 @@
+"""The quantization scheme every kernel implements, with its numpy integer reference.
+
+- Weights: symmetric, per output channel. b >= 2 bits: codes in [-(2^(b-1)-1), 2^(b-1)-1] (INT2 is
+  ternary {-1, 0, 1}), scale = max|w| / qmax. b = 1: bipolar codes {-1, +1}, scale = mean|w|.
+  On x86 without VNNI the 8-bit kernel multiplies with vpmaddubsw, whose int16 pair sums would
+  saturate with full-range weights: there INT8 weights use 7 bits ([-63, 63]), like onnxruntime's
+  reduce_range.
+- Activations: asymmetric, per tensor. Codes in [0, 2^b - 1], zero point z = code of 0.0, so
+  padding (value 0.0) is the code z and ReLU outputs have z = 0.
+  q = clip(round_half_even(x * inv_scale) + z, 0, 2^b - 1), with inv_scale a float32.
+- Integer core: acc[o] = sum (qa - z) * qw[o]; kernels compute sum qa * qw[o] and subtract the
+  per-channel constant z * sum qw[o] (bit-serial kernels add the window-sum correction instead).
+- Epilogue: y = clamp(acc * (sa * sw[o]) + bias[o], lo, hi) in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    """A bit-width candidate for one layer."""
+    wbits: int   # 32 = float
+    abits: int
+
+    @property
+    def name(self) -> str:
+        return "FP32" if self.wbits == 32 else f"W{self.wbits}A{self.abits}"
+
+    @property
+    def family(self) -> str:
+        if self.wbits == 32:
+            return "fp32"
+        if self.abits == 8:
+            return "int8" if self.wbits == 8 else "lowbit_weight"
+        return "bitserial"
+
+
+CANDIDATES = {c.name: c for c in (Config(32, 32), Config(8, 8), Config(4, 8), Config(2, 8),
+                                  Config(4, 4), Config(2, 2), Config(1, 2), Config(1, 1))}
+
+
+def parse_config(name: str) -> Config:
+    try:
+        return CANDIDATES[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown candidate {name!r}; known: {', '.join(CANDIDATES)}") from None
+
+
+def weight_qmax(bits: int, reduce_range: bool = False) -> int:
+    if bits == 1:
+        return 1
+    return (2 ** (bits - 1) - 1) // (2 if reduce_range and bits == 8 else 1)
+
+
+def quantize_weights(w: np.ndarray, bits: int, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """w [O, ...] float -> (int8 codes [O, ...], float32 scale [O])."""
+    flat = w.reshape(w.shape[0], -1).astype(np.float32)
+    if bits == 1:
+        scale = np.abs(flat).mean(1)
+        codes = np.where(flat >= 0, 1, -1)
+    else:
+        qmax = weight_qmax(bits, reduce_range)
+        scale = np.abs(flat).max(1) / qmax
+        codes = np.clip(np.rint(flat / np.where(scale > 0, scale, 1)[:, None]), -qmax, qmax)
+    return codes.astype(np.int8).reshape(w.shape), np.maximum(scale, 1e-12).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-tensor activation quantization: codes = clip(rint(x * inv_scale) + zero_point, 0, 2^bits-1)."""
+    bits: int
+    scale: float
+    zero_point: int
+
+    @classmethod
+    def from_range(cls, lo: float, hi: float, bits: int) -> "ActQuant":
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)   # 0.0 must be exactly representable
+        qmax = 2 ** bits - 1
+        scale = max(hi - lo, 1e-8) / qmax
+        return cls(bits, float(np.float32(scale)), int(np.clip(round(-lo / scale), 0, qmax)))
+
+    @property
+    def inv_scale(self) -> np.float32:
+        return np.float32(1.0) / np.float32(self.scale)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        q = np.rint(x.astype(np.float32) * self.inv_scale) + self.zero_point
+        return np.clip(q, 0, 2 ** self.bits - 1).astype(np.uint8)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return (q.astype(np.float32) - self.zero_point) * np.float32(self.scale)
+
+
+def conv_reference(qa: np.ndarray, zero_point: int, qw: np.ndarray, strides=(1, 1), padding=(0, 0, 0, 0),
+                   groups: int = 1) -> np.ndarray:
+    """Integer conv: qa [N,H,W,C] codes, qw [O,KH,KW,C/groups] codes -> int64 sum (qa - z) * qw, NHWC."""
+    a = qa.astype(np.int64) - zero_point
+    top, left, bottom, right = padding
+    a = np.pad(a, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    n, hp, wp, c = a.shape
+    o, kh, kw, cg = qw.shape
+    sh, sw = strides
+    oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    og = o // groups
+    out = np.zeros((n, oh, ow, o), np.int64)
+    w = qw.astype(np.int64)
+    for y in range(kh):
+        for x in range(kw):
+            window = a[:, y:y + sh * (oh - 1) + 1:sh, x:x + sw * (ow - 1) + 1:sw, :]
+            for g in range(groups):
+                out[..., g * og:(g + 1) * og] += np.einsum(
+                    "nhwc,oc->nhwo", window[..., g * cg:(g + 1) * cg], w[g * og:(g + 1) * og, y, x, :])
+    return out

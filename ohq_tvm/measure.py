@@ -1,0 +1,366 @@
+"""OQA: time every quantizable layer at every bit-width candidate on the target itself.
+
+Each (workload, candidate) is a small knob search over the kernel template, built by
+MetaSchedule's LocalBuilder and timed by its LocalRunner (subprocesses, timeouts, median of
+repeats) or, with ``--rpc-tracker``, by its RPCRunner on a board. An XGBoost cost model (the one
+MetaSchedule tunes with) trained on the records so far picks which knob settings are worth
+building once it has seen enough. FP32 layers are the MetaSchedule-tuned kernels of ohq_tvm.tune.
+
+Every measurement is appended to a JSON-lines log (flush + fsync) under
+``<work dir>/<target key>/oqa.jsonl``, keyed by TVM version, target, workload, candidate and
+knobs: a killed run resumes without measuring anything twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+import tvm.s_tir.meta_schedule as ms
+
+from . import kernels
+from .kernels import CANDIDATES, Config, Knobs
+from .layers import Layer
+from .target import Target
+from .errors import OhqError
+from .tune import skip_gpu_intrinsics
+
+
+def workload_key(layer: Layer) -> str:
+    """Layers with equal keys run the same kernel (the key carries no id)."""
+    shape = lambda s: "x".join(map(str, s))   # noqa: E731
+    key = f"{layer.op}:{shape(layer.input_shape)}:{shape(layer.weight_shape)}"
+    if layer.op == "conv2d":
+        key += f":s{shape(layer.strides)}:p{shape(layer.padding)}:g{layer.groups}"
+    return key
+
+
+def candidates_for_bits(bits: Iterable[int]) -> list[Config]:
+    """FP32 plus every integer candidate whose weight and activation bits are both allowed."""
+    allowed = set(bits)
+    return [c for c in CANDIDATES.values() if c.family == "fp32" or {c.wbits, c.abits} <= allowed]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of the tuning log."""
+    tvm: str
+    target: str
+    workload: str
+    config: str
+    knobs: list[int] | None    # the timed knob setting; on the final line of a search, the best one
+    ms: float | None           # None: failed to build or run
+    final: bool = False        # the search for (workload, config) is complete
+    error: str | None = None
+
+
+class TuningLog:
+    """Append-only JSON lines; corrupt lines are skipped with a warning."""
+
+    def __init__(self, path: Path, target: Target) -> None:
+        self.path, self.target = Path(path), target
+        self.records: list[Record] = []
+        if self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), 1):
+                try:
+                    record = Record(**json.loads(line))
+                except (ValueError, TypeError):
+                    warnings.warn(f"{self.path}:{number}: corrupt tuning record skipped", stacklevel=2)
+                    continue
+                if record.tvm == tvm.__version__ and record.target == target.key:
+                    self.records.append(record)
+
+    def lookup(self, workload: str, config: str) -> list[Record]:
+        return [r for r in self.records if r.workload == workload and r.config == config]
+
+    def append(self, record: Record) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+
+
+@dataclass
+class LayerTiming:
+    layer: Layer
+    workload: str
+    ms: dict[str, float | None] = field(default_factory=dict)    # candidate name -> ms (None: unavailable)
+    knobs: dict[str, list[int] | None] = field(default_factory=dict)
+
+
+@dataclass
+class Measurement:
+    target: str
+    threads: int
+    layers: list[LayerTiming]
+    builds: int
+    measurements: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "threads": self.threads, "builds": self.builds,
+                "measurements": self.measurements, "seconds": round(self.seconds, 2),
+                "layers": [{"id": t.layer.id, "op": t.layer.op, "kind": t.layer.kind,
+                            "shape": list(t.layer.input_shape), "weight": list(t.layer.weight_shape),
+                            "candidates": t.ms} for t in self.layers]}
+
+
+def _median_ms(result: ms.runner.RunnerResult) -> float | None:
+    if result.error_msg is not None or not result.run_secs:
+        return None
+    return statistics.median(float(s) for s in result.run_secs) * 1e3
+
+
+class Measurer:
+    """Builds and times kernels through MetaSchedule's builder and runner, counting both."""
+
+    def __init__(self, target: Target, runner: ms.runner.Runner | None = None, timeout_sec: float = 60,
+                 guided_after: int = 24) -> None:
+        os.environ["TVM_NUM_THREADS"] = str(target.threads)    # inherited by the runner's workers
+        skip_gpu_intrinsics()
+        self.target = target
+        self.builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics)
+        self.runner = runner or ms.runner.LocalRunner(
+            timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics,
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=30,
+                                                       enable_cpu_cache_flush=False))
+        self.model = ms.cost_model.XGBModel(num_warmup_samples=0)
+        self.context = ms.TuneContext(target=target.tvm)
+        self.guided_after = guided_after
+        self.seen = self.builds = self.measurements = 0
+
+    def _candidates(self, funcs: list[tvm.tirx.PrimFunc]) -> list[ms.MeasureCandidate]:
+        return [ms.MeasureCandidate(s_tir.Schedule(f), ms.arg_info.ArgInfo.from_prim_func(f)) for f in funcs]
+
+    def rank(self, funcs: list[tvm.tirx.PrimFunc], keep: int) -> list[int]:
+        """Indices of the `keep` settings the cost model predicts fastest (all, until it has data)."""
+        if self.seen < self.guided_after or len(funcs) <= keep:
+            return list(range(len(funcs)))
+        scores = self.model.predict(self.context, self._candidates(funcs))
+        return sorted(np.argsort(-np.asarray(scores))[:keep].tolist())
+
+    def time(self, funcs: list[tvm.tirx.PrimFunc]) -> list[float | None]:
+        funcs = [f.with_attr("global_symbol", "main") for f in funcs]
+        built = self.builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": f}), self.target.tvm)
+                                    for f in funcs])
+        self.builds += len(funcs)
+        ok = [i for i, b in enumerate(built) if b.error_msg is None]
+        futures = self.runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu",
+                                                         ms.arg_info.ArgInfo.from_prim_func(funcs[i])) for i in ok])
+        results = [f.result() for f in futures]
+        self.measurements += len(ok)
+        times: list[float | None] = [None] * len(funcs)
+        for i, result in zip(ok, results):
+            times[i] = _median_ms(result)
+        if ok:
+            self.model.update(self.context, self._candidates([funcs[i] for i in ok]), results)
+            self.seen += len(ok)
+        for b in built:
+            if b.artifact_path:
+                Path(b.artifact_path).unlink(missing_ok=True)
+        return times
+
+
+def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, keep: int = 3) -> Record:
+    """Best knob setting of `layer`'s kernel at `config`; resumes from the log, logs every timing."""
+    key, target = workload_key(layer), measurer.target
+    done = log.lookup(key, config.name)
+    final = next((r for r in done if r.final), None)
+    if final is not None:
+        return final
+    new = lambda knobs, ms_, final=False, error=None: Record(   # noqa: E731
+        tvm.__version__, target.key, key, config.name, knobs, ms_, final, error)
+    space = kernels.knob_space(layer, config, kernels.isa_of(target.tvm))
+    measured = {tuple(r.knobs): r.ms for r in done if r.knobs is not None}
+    todo = [k for k in space if (k.tile_w, k.tile_o) not in measured]
+    if todo:
+        funcs, built = [], []
+        for knobs in todo:
+            try:
+                funcs.append(kernels.build(layer, config, knobs, target.tvm))
+                built.append(knobs)
+            except Exception as e:   # a setting the schedule rejects is recorded, not fatal
+                log.append(new([knobs.tile_w, knobs.tile_o], None, error=str(e).splitlines()[-1][:200]))
+        picked = measurer.rank(funcs, keep) if funcs else []
+        for i, ms_ in zip(picked, measurer.time([funcs[i] for i in picked])):
+            knobs = [built[i].tile_w, built[i].tile_o]
+            measured[tuple(knobs)] = ms_
+            log.append(new(knobs, ms_))
+    timed = {k: v for k, v in measured.items() if v is not None}
+    best = min(timed, key=timed.get) if timed else None
+    record = new(list(best) if best else None, timed[best] if best else None, final=True,
+                 error=None if best else "no knob setting built and ran")
+    log.append(record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process helpers (benchmarks, latency checks): build one kernel and time it on random data.
+
+def build_kernel(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target) -> tvm.runtime.Module:
+    func = kernels.build(layer, config, knobs, target)
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def kernel_args(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target, seed: int = 0) -> list:
+    """Random but well-formed arguments: input, packed weights, channel and quantization params, output."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 3, layer.input_shape).astype(np.float32)
+    weight = rng.standard_normal(layer.weight_shape).astype(np.float32)
+    packed = kernels.pack(layer, config, knobs, kernels.isa_of(target), weight, None,
+                          kernels.ActQuant.from_range(-1, 3, config.abits), clamp=(0.0, 6.0))
+    out = np.zeros(layer.output_shape, np.float32)
+    return [tvm.runtime.tensor(a) for a in (x, packed.w, packed.chan, packed.q, out)]
+
+
+def time_module(lib: tvm.runtime.Module, args: list, min_repeat_ms: int = 50, repeat: int = 5) -> float:
+    """Median ms of `repeat` timings, each averaging calls over >= min_repeat_ms."""
+    timer = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=min_repeat_ms)
+    return float(np.median(timer(*args).results)) * 1e3
+
+
+# ---------------------------------------------------------------------------------------------
+def measure_model(layers: list[Layer], fp32_kernels: list[tvm.tirx.PrimFunc] | None, configs: list[Config],
+                  measurer: Measurer, log: TuningLog, progress: Callable[[str], None] = lambda _: None
+                  ) -> Measurement:
+    """Every layer x candidate; identical workloads are measured once."""
+    t0 = time.perf_counter()
+    by_workload: dict[str, LayerTiming] = {}
+    timings = []
+    for index, layer in enumerate(layers):
+        key = workload_key(layer)
+        if key in by_workload:
+            timings.append(LayerTiming(layer, key, by_workload[key].ms, by_workload[key].knobs))
+            continue
+        timing = LayerTiming(layer, key)
+        for config in configs:
+            progress(f"{layer.id} {config.name}")
+            if config.family == "fp32":
+                timing.ms[config.name] = _fp32_ms(layer, fp32_kernels[index] if fp32_kernels else None, measurer, log)
+                continue
+            if kernels.family(layer, config) is None:
+                timing.ms[config.name] = None
+                continue
+            record = search(layer, config, measurer, log)
+            timing.ms[config.name], timing.knobs[config.name] = record.ms, record.knobs
+        by_workload[key] = timing
+        timings.append(timing)
+    return Measurement(measurer.target.key, measurer.target.threads, timings, measurer.builds,
+                       measurer.measurements, time.perf_counter() - t0)
+
+
+def _fp32_ms(layer: Layer, func: tvm.tirx.PrimFunc | None, measurer: Measurer, log: TuningLog) -> float | None:
+    """The MetaSchedule-scheduled FP32 kernel of the layer (with its fused epilogue), timed like the rest."""
+    key = workload_key(layer)
+    done = next((r for r in log.lookup(key, "FP32") if r.final), None)
+    if done is not None:
+        return done.ms
+    if func is None:
+        return None
+    [ms_] = measurer.time([func])
+    log.append(Record(tvm.__version__, measurer.target.key, key, "FP32", None, ms_, final=True))
+    return ms_
+
+
+def measurement_table(result: Measurement, configs: list[Config]):
+    from rich.table import Table
+    table = Table(title=f"OQA: ms per layer on {result.target} ({result.threads} threads); "
+                        f"* fastest, x = speedup of the fastest vs W8A8 / FP32")
+    table.add_column("layer")
+    table.add_column("kind")
+    for config in configs:
+        table.add_column(config.name, justify="right")
+    table.add_column("vs W8A8", justify="right")
+    table.add_column("vs FP32", justify="right")
+    for timing in result.layers:
+        valid = {k: v for k, v in timing.ms.items() if v is not None}
+        fastest = min(valid, key=valid.get) if valid else None
+        cells = [("-" if timing.ms.get(c.name) is None else
+                  f"{'*' if c.name == fastest else ''}{timing.ms[c.name]:.4f}") for c in configs]
+        ratio = lambda ref: f"{valid[ref] / valid[fastest]:.2f}x" if fastest and ref in valid else "-"  # noqa: E731
+        table.add_row(timing.layer.id, timing.layer.kind, *cells, ratio("W8A8"), ratio("FP32"))
+    return table
+
+
+def _rpc_runner(tracker: str, key: str, timeout_sec: float) -> ms.runner.RPCRunner:
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise OhqError(f"--rpc-tracker {tracker!r}: expected HOST:PORT")
+    return ms.runner.RPCRunner(
+        ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=timeout_sec),
+        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=30, enable_cpu_cache_flush=False),
+        initializer=skip_gpu_intrinsics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .cli import ArgumentParser, common_args, quiet_tvm_logs
+    from .frontend import load_onnx, parse_shape
+    from .layers import find_layers
+    from .target import parse_target
+    from . import tune
+
+    parser = ArgumentParser(prog="python -m ohq_tvm.measure", description=__doc__.split("\n\n")[0])
+    common_args(parser)
+    parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
+    parser.add_argument("--json", type=Path, help="write the measurements as JSON")
+    parser.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its boards")
+    parser.add_argument("--rpc-key", help="device key of the boards at the tracker")
+    parser.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials for missing FP32 kernels")
+    args = parser.parse_args(argv)
+    try:
+        bits = sorted({int(b) for b in args.bits.split(",")})
+    except ValueError:
+        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
+    if not set(bits) <= {1, 2, 4, 8}:
+        raise OhqError(f"--bits {args.bits!r}: supported bit-widths are 8, 4, 2, 1")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise OhqError("--rpc-tracker and --rpc-key go together")
+    quiet_tvm_logs()
+    console = Console(stderr=True)
+    target = parse_target(args.target, args.threads)
+    imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
+    layers = find_layers(imported.mod)
+    configs = candidates_for_bits(bits)
+    runner = _rpc_runner(args.rpc_tracker, args.rpc_key, 60) if args.rpc_tracker else None
+    if not target.native and runner is None:
+        raise OhqError(f"{target.key} is not this CPU: measuring it needs --rpc-tracker and --rpc-key")
+
+    fused = tune.fuse(imported.mod, target)
+    with console.status("FP32 kernels (MetaSchedule)"):
+        tune.tune(fused, target, args.work_dir, args.tune_trials)
+        fp32 = tune.layer_kernels(tune.apply(fused, target, args.work_dir))
+    if len(fp32) != len(layers):
+        console.print(f"[yellow]FP32 kernels not matched to layers ({len(fp32)} vs {len(layers)}): FP32 not timed")
+        fp32 = None
+    log = TuningLog(Path(args.work_dir) / target.key / "oqa.jsonl", target)
+    measurer = Measurer(target, runner)
+    unique = len({workload_key(layer) for layer in layers})
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("measuring", total=unique * len(configs))
+        result = measure_model(layers, fp32, configs, measurer, log,
+                               lambda what: progress.update(task, advance=1, description=what))
+    from rich.console import Console as Out
+    Out().print(measurement_table(result, configs))
+    console.print(f"{result.builds} builds, {result.measurements} measurements in {result.seconds:.1f} s "
+                  f"(log: {log.path})")
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+    run_cli(main)

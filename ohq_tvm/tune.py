@@ -1,0 +1,134 @@
+"""MetaSchedule for every kernel TVM generates (FP32 layers and glue ops).
+
+TVM's default lowering leaves kernels unscheduled (40-100x slower than ONNX Runtime). Here the
+fused module's PrimFuncs are tuned with MetaSchedule's XGBoost cost model; records live in a
+JSON database per target (``tuning_logs/<target key>/metaschedule``) and are re-applied without
+re-tuning: only tasks missing from the database are tuned.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+from tvm import relax
+import tvm.s_tir.meta_schedule as ms
+
+from .target import Target
+
+_GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
+
+
+def skip_gpu_intrinsics() -> None:
+    """Importing tvm.s_tir.tensor_intrin pulls the GPU intrinsic modules (30-45 s); CPUs need none."""
+    for name in _GPU_INTRINSICS:
+        sys.modules.setdefault(f"tvm.s_tir.tensor_intrin.{name}", types.ModuleType(name))
+
+
+@dataclass(frozen=True)
+class TuneStats:
+    tasks: int
+    tuned: int          # tasks that were missing from the database
+    trials: int
+
+
+def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """Legalize, fold and fuse: the module whose PrimFuncs are the tuning tasks.
+
+    Weights are marked layout-free, so MetaSchedule may choose a packed weight layout; `apply`
+    then folds the repacking into the (constant) weights.
+    """
+    with target.tvm:
+        return tvm.transform.Sequential([
+            relax.get_pipeline("zero"),
+            relax.transform.AttachAttrLayoutFreeBuffers(),
+        ])(mod)
+
+
+def database_dir(work_dir: Path, target: Target) -> Path:
+    return Path(work_dir) / target.key / "metaschedule"
+
+
+def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
+    path = database_dir(work_dir, target)
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+
+
+def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: int = 64,
+         seed: int = 0) -> TuneStats:
+    """Tune the PrimFuncs of `fused` that the database has no record for."""
+    skip_gpu_intrinsics()
+    tasks = ms.relax_integration.extract_tasks(fused, target.tvm)
+    db = _database(work_dir, target)
+    missing = _missing(tasks, db)
+    if missing and trials_per_task > 0 and target.native:
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            missing, work_dir=str(database_dir(work_dir, target)), seed=seed)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(database_dir(work_dir, target)),
+            max_trials_global=trials_per_task * len(missing), max_trials_per_task=trials_per_task,
+            num_trials_per_iter=min(32, trials_per_task), database=db, cost_model="xgb",
+            builder=ms.builder.LocalBuilder(timeout_sec=60, initializer=skip_gpu_intrinsics),
+            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)))
+        prune(database_dir(work_dir, target))
+    return TuneStats(tasks=len(tasks), tuned=len(missing) if trials_per_task > 0 else 0,
+                     trials=trials_per_task * len(missing))
+
+
+def prune(path: Path, keep: int = 2) -> None:
+    """Keep the `keep` fastest records of each workload (the database holds every trial, ~14 KB each)."""
+    records_file = Path(path) / "database_tuning_record.json"
+    by_workload: dict[int, list[tuple[float, str]]] = {}
+    for line in records_file.read_text().splitlines():
+        workload, (_, run_secs, *_rest) = json.loads(line)
+        mean = sum(run_secs) / len(run_secs) if run_secs else float("inf")
+        by_workload.setdefault(workload, []).append((mean, line))
+    kept = [line for rows in by_workload.values() for _, line in sorted(rows, key=lambda r: r[0])[:keep]]
+    tmp = records_file.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, records_file)
+
+
+def _missing(tasks: list, db: ms.database.Database) -> list:
+    return [t for t in tasks if not db.has_workload(t.dispatched[0])]
+
+
+def missing_tasks(fused: tvm.IRModule, target: Target, work_dir: Path) -> list[str]:
+    """Names of the kernels of `fused` that have no tuning record."""
+    tasks = ms.relax_integration.extract_tasks(fused, target.tvm)
+    return [t.task_name for t in _missing(tasks, _database(work_dir, target))]
+
+
+def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
+    """Replace every PrimFunc that has a tuning record with its best schedule."""
+    db = _database(work_dir, target)
+    with target.tvm, db:
+        return tvm.transform.Sequential([
+            relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.LiftTransformParams(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(entry_functions=["main"]),
+        ])(fused)
+
+
+def layer_kernels(scheduled: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
+    """The scheduled PrimFunc of each conv2d / matmul of `scheduled`, in the order of main.
+
+    Convolutions and matmuls are the only "out-elementwise-fusable" anchors FuseOps builds
+    around (pattern 4), so the k-th such call is the k-th layer of the layer table.
+    """
+    calls = []
+    for binding in (b for block in scheduled["main"].body.blocks for b in block.bindings):
+        value = binding.value
+        if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
+            func = scheduled[value.args[0]]
+            if int(func.attrs.get("op_pattern", -1)) == 4:
+                calls.append(func)
+    return calls

@@ -1,0 +1,89 @@
+"""End to end: ONNX -> scheduled .so, outputs equal onnxruntime's; user errors are one line, exit 2."""
+import numpy as np
+import pytest
+
+from conftest import EFFNET, FMNIST, TUNING_LOGS, run_cli
+from ohq_tvm import tune
+from ohq_tvm.frontend import load_onnx, run_onnxruntime
+from ohq_tvm.runtime import Model
+from ohq_tvm.target import parse_target
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Both models compiled with the committed tuning logs (no tuning in tests)."""
+    out = tmp_path_factory.mktemp("so")
+    paths = {}
+    for onnx_path in (FMNIST, EFFNET):
+        so = out / f"{onnx_path.stem}.so"
+        result = run_cli("compile", onnx_path, "--target", "llvm", "--output", so, "--tune-trials", "0",
+                         "--work-dir", TUNING_LOGS)
+        assert result.returncode == 0, result.stderr
+        paths[onnx_path] = (so, result.stderr)
+    return paths
+
+
+@pytest.mark.parametrize("onnx_path", [FMNIST, EFFNET], ids=["fmnist", "efficientnet"])
+def test_compiled_matches_onnxruntime(compiled, onnx_path):
+    so, _ = compiled[onnx_path]
+    model = Model.load(so)
+    shape = load_onnx(onnx_path).input_shape
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = rng.standard_normal(shape, dtype=np.float32)
+        np.testing.assert_allclose(model(x), run_onnxruntime(onnx_path, x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("onnx_path", [FMNIST, EFFNET], ids=["fmnist", "efficientnet"])
+def test_committed_logs_schedule_every_kernel(compiled, onnx_path):
+    target = parse_target("llvm")
+    if not tune.database_dir(TUNING_LOGS, target).is_dir():
+        pytest.skip(f"no committed tuning logs for this CPU ({target.key})")
+    _, log = compiled[onnx_path]
+    assert "tuned now: 0" in log
+    fused = tune.fuse(load_onnx(onnx_path).mod, target)
+    assert tune.missing_tasks(fused, target, TUNING_LOGS) == []
+
+
+def test_output_is_not_overwritten_without_force(tmp_path):
+    so = tmp_path / "model.so"
+    so.write_bytes(b"precious")
+    result = run_cli("compile", FMNIST, "--output", so, "--tune-trials", "0")
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert so.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.onnx"], "no such file"),
+    ([FMNIST, "--target", "cuda"], "unknown --target"),
+    ([FMNIST, "--target", '{"kind": "llvm", "mcpu": 5'], "not valid JSON"),
+    ([FMNIST, "--input-shape", "1,x"], "--input-shape"),
+    ([FMNIST, "--bogus-flag"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    result = run_cli("compile", *args, "--output", tmp_path / "o.so", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_dynamic_model_without_shape_is_one_line_exit_2(tmp_path):
+    from test_frontend import _tiny_model
+    path = _tiny_model(tmp_path / "dyn.onnx", dims=("N", 4, 8, 8))
+    result = run_cli("compile", path, "--output", tmp_path / "o.so", cwd=tmp_path)
+    assert result.returncode == 2 and "--input-shape" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_evaluate_harness_on_onnxruntime_and_compiled(compiled):
+    import json
+    result = run_cli("evaluate", FMNIST, "--dataset", "fmnist", "-n", "500")
+    assert result.returncode == 0, result.stderr
+    ort_top1 = json.loads(result.stdout)["top1"]
+    assert ort_top1 >= 0.88
+    so, _ = compiled[FMNIST]
+    ours = json.loads(run_cli("evaluate", so, "--dataset", "fmnist", "-n", "500").stdout)
+    assert ours["top1"] == ort_top1          # FP32 module: same predictions as onnxruntime
+    photos = run_cli("evaluate", compiled[EFFNET][0], "--dataset", "photos", "--reference", EFFNET, "-n", "8")
+    agreement = json.loads(photos.stdout)
+    assert agreement["top1_agreement"] == 1.0 and agreement["mean_kl"] < 1e-6

@@ -1,0 +1,129 @@
+"""Every template x bit config, bit-exact against the numpy integer reference on random shapes."""
+import re
+
+import numpy as np
+import pytest
+import tvm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ohq_tvm import kernels
+from ohq_tvm.kernels import ActQuant, Geometry, conv_reference
+from ohq_tvm.layers import Layer
+from ohq_tvm.target import parse_target
+
+TARGET = parse_target("llvm").tvm
+ISA = kernels.isa_of(TARGET)
+INT_CONFIGS = [c for c in kernels.CANDIDATES.values() if c.family != "fp32"]
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def conv_layer(c, o, h, w, k, stride, pad, groups=1) -> Layer:
+    oh = (h + pad[0] + pad[2] - k) // stride + 1
+    ow = (w + pad[1] + pad[3] - k) // stride + 1
+    kind = "conv" if groups == 1 else "depthwise" if groups == c == o else "grouped"
+    return Layer("conv2d0", "conv2d", kind, (1, h, w, c), (o, k, k, c // groups), (1, oh, ow, o),
+                 (stride, stride), pad, (1, 1), groups)
+
+
+def dense_layer(m, k, n) -> Layer:
+    return Layer("matmul0", "matmul", "dense", (m, k), (k, n), (m, n))
+
+
+convs = st.builds(conv_layer, c=st.integers(1, 70), o=st.integers(1, 40), h=st.integers(3, 11),
+                  w=st.integers(3, 11), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+                  pad=st.tuples(*[st.integers(0, 2)] * 4)).filter(lambda l: min(l.output_shape[1:3]) >= 1)
+depthwise = st.integers(1, 48).flatmap(lambda c: st.builds(
+    conv_layer, c=st.just(c), o=st.just(c), h=st.integers(3, 12), w=st.integers(3, 12),
+    k=st.sampled_from([3, 5]), stride=st.integers(1, 2), pad=st.tuples(*[st.integers(0, 2)] * 4), groups=st.just(c)))
+grouped_convs = st.tuples(st.integers(2, 4), st.integers(1, 8), st.integers(1, 8)).map(
+    lambda t: conv_layer(t[0] * t[1], t[0] * t[2], 7, 7, 3, 1, (1, 1, 1, 1), t[0]))
+denses = st.builds(dense_layer, m=st.one_of(st.just(1), st.integers(1, 16)), k=st.integers(1, 130),
+                   n=st.integers(1, 40))
+
+
+def random_codes(rng, config, shape):
+    if config.wbits == 1:
+        return rng.choice(np.array([-1, 1], np.int8), shape)
+    qmax = kernels.scheme.weight_qmax(config.wbits, ISA.reduce_range and config.wbits == 8)
+    return rng.integers(-qmax, qmax + 1, shape).astype(np.int8)
+
+
+def compile_kernel(layer, config, knobs):
+    func = kernels.build(layer, config, knobs, TARGET)
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+
+
+def run(lib, layer, packed, x):
+    out = tvm.runtime.tensor(np.zeros(layer.output_shape, np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, packed.w, packed.chan, packed.q)), out)
+    return out.numpy()
+
+
+def check_exact(layer, config, seed):
+    """Integer core: scale 1 and offset -z*sum(q) make the float output the exact integer sum."""
+    rng = np.random.default_rng(seed)
+    g = Geometry.of(layer)
+    act = ActQuant(config.abits, 1.0, int(rng.integers(0, 2 ** config.abits)))
+    codes = random_codes(rng, config, (g.o, g.kh, g.kw, g.c // g.groups))
+    qa = rng.integers(0, 2 ** config.abits, (g.n, g.h, g.w, g.c)).astype(np.uint8)
+    for knobs in kernels.knob_space(layer, config, ISA)[:2]:
+        w = {"dot": lambda: kernels.conv.pack_dot_weights(codes, ISA, knobs, config.wbits),
+             "bitserial": lambda: kernels.bitserial.pack_bitserial_weights(codes, ISA, knobs, config.wbits),
+             "grouped": lambda: kernels.grouped.pack_grouped_weights(codes, ISA, knobs)}[kernels.family(layer, config)]()
+        chan = np.stack([np.ones(g.o, np.float32), -act.zero_point * codes.reshape(g.o, -1).sum(1).astype(np.float32)])
+        packed = kernels.Packed(w, chan, np.array([1, act.zero_point, -np.inf, np.inf], np.float32), codes, act)
+        x = (qa.astype(np.float32) - act.zero_point).reshape(layer.input_shape)
+        got = run(compile_kernel(layer, config, knobs), layer, packed, x)
+        want = conv_reference(qa, act.zero_point, codes, g.strides, g.padding, g.groups)
+        np.testing.assert_array_equal(got.reshape(want.shape), want.astype(np.float32), err_msg=f"{config.name} {knobs}")
+
+
+@pytest.mark.parametrize("config", [c for c in INT_CONFIGS], ids=lambda c: c.name)
+@SETTINGS
+@given(layer=st.one_of(convs, denses), seed=st.integers(0, 2 ** 16))
+def test_dense_conv_and_matmul_bit_exact(config, layer, seed):
+    check_exact(layer, config, seed)
+
+
+@pytest.mark.parametrize("config", [c for c in INT_CONFIGS if c.abits == 8], ids=lambda c: c.name)
+@SETTINGS
+@given(layer=st.one_of(depthwise, grouped_convs), seed=st.integers(0, 2 ** 16))
+def test_depthwise_and_grouped_bit_exact(config, layer, seed):
+    check_exact(layer, config, seed)
+
+
+@pytest.mark.parametrize("config", INT_CONFIGS, ids=lambda c: c.name)
+def test_float_io_matches_simulation(config):
+    """Real weights, scales, bias and ReLU6: the compiled kernel equals the numpy simulation."""
+    rng = np.random.default_rng(7)
+    for layer in (conv_layer(24, 16, 10, 10, 3, 2, (0, 0, 1, 1)), dense_layer(1, 96, 24),
+                  conv_layer(16, 16, 8, 8, 3, 1, (1, 1, 1, 1), groups=16)):
+        if kernels.family(layer, config) is None:
+            continue
+        weight = rng.standard_normal(layer.weight_shape).astype(np.float32)
+        bias = rng.standard_normal(layer.output_shape[-1]).astype(np.float32)
+        x = rng.uniform(-1, 3, layer.input_shape).astype(np.float32)
+        act = ActQuant.from_range(-1, 3, config.abits)
+        knobs = kernels.knob_space(layer, config, ISA)[0]
+        packed = kernels.pack(layer, config, knobs, ISA, weight, bias, act, clamp=(0.0, 6.0))
+        got = run(compile_kernel(layer, config, knobs), layer, packed, x)
+        want = kernels.simulate(layer, packed, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert 0 <= got.min() and got.max() <= 6
+
+
+@pytest.mark.parametrize("config, mcpu, instruction", [
+    ("W8A8", "znver4", "vpdpbusd"), ("W8A8", "znver3", "vpmaddubsw"), ("W4A8", "znver4", "vpdpbusd"),
+    ("W2A2", "znver4", "vpopcntd"), ("W1A1", "znver4", "vpopcntd"),
+])
+def test_asm_uses_the_isa(config, mcpu, instruction):
+    """The code generated for an AVX-512 VNNI / VPOPCNTDQ CPU uses those instructions (compiled, not run)."""
+    target = parse_target(f'{{"kind": "llvm", "mcpu": "{mcpu}"}}').tvm
+    layer = conv_layer(64, 64, 14, 14, 3, 1, (1, 1, 1, 1))
+    cfg = kernels.parse_config(config)
+    knobs = kernels.knob_space(layer, cfg, kernels.isa_of(target))[0]
+    lib = tvm.tirx.build(tvm.IRModule({"main": kernels.build(layer, cfg, knobs, target).with_attr("global_symbol", "main")}),
+                         target=target)
+    assert re.search(rf"\b{instruction}\b", lib.inspect_source("asm"))

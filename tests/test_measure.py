@@ -1,0 +1,122 @@
+"""OQA: resumable tuning logs, the measure CLI, and measuring through an RPC tracker."""
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import FMNIST, ROOT, TUNING_LOGS, run_cli
+from ohq_tvm import kernels
+from ohq_tvm.layers import Layer
+from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search, workload_key
+from ohq_tvm.target import parse_target
+
+TARGET = parse_target("llvm")
+LAYER = Layer("conv2d0", "conv2d", "conv", (1, 8, 8, 16), (16, 3, 3, 16), (1, 8, 8, 16), (1, 1), (1, 1, 1, 1))
+
+
+def test_candidates_for_bits():
+    names = [c.name for c in candidates_for_bits([8, 4, 2])]
+    assert names == ["FP32", "W8A8", "W4A8", "W2A8", "W4A4", "W2A2"]
+    assert len(candidates_for_bits([8, 4, 2, 1])) == len(kernels.CANDIDATES)
+
+
+def test_search_logs_every_timing_and_resumes(tmp_path):
+    path = tmp_path / "oqa.jsonl"
+    measurer = Measurer(TARGET)
+    config = kernels.parse_config("W8A8")
+    first = search(LAYER, config, measurer, TuningLog(path, TARGET))
+    assert first.final and first.ms > 0 and measurer.measurements >= 1
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert sum(not l["final"] for l in lines) == measurer.measurements
+    again = Measurer(TARGET)
+    assert search(LAYER, config, again, TuningLog(path, TARGET)) == first
+    assert again.measurements == 0 and again.builds == 0
+
+
+def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path):
+    path = tmp_path / "oqa.jsonl"
+    search(LAYER, kernels.parse_config("W2A2"), Measurer(TARGET), TuningLog(path, TARGET))
+    good = path.read_text()
+    path.write_text(good + '{"tvm": "0.27.0.post1", "targ\n' + "not json\n")
+    with pytest.warns(UserWarning, match="corrupt tuning record"):
+        log = TuningLog(path, TARGET)
+    assert len(log.records) == len(good.splitlines())
+
+
+def _copy_fp32_logs(work_dir):
+    src = TUNING_LOGS / TARGET.key / "metaschedule"
+    if src.is_dir():
+        shutil.copytree(src, work_dir / TARGET.key / "metaschedule")
+
+
+def test_kill_and_resume_measures_nothing_twice(tmp_path):
+    """kill -9 in the middle of `python -m ohq_tvm.measure`, rerun: every timing is logged once."""
+    _copy_fp32_logs(tmp_path)
+    cmd = [sys.executable, "-m", "ohq_tvm.measure", str(FMNIST), "--bits", "8,2", "--work-dir", str(tmp_path),
+           "--tune-trials", "0"]
+    log = tmp_path / TARGET.key / "oqa.jsonl"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 8):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(log.read_text().splitlines())
+    assert killed_at >= 8
+    out = tmp_path / "m.json"
+    result = subprocess.run(cmd + ["--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+    timed = Counter((r["workload"], r["config"], tuple(r["knobs"] or ()), r["final"]) for r in records)
+    assert max(timed.values()) == 1, [k for k, v in timed.items() if v > 1]
+    report = json.loads(out.read_text())
+    assert len(report["layers"]) == 10
+    assert all(set(layer["candidates"]) == {"FP32", "W8A8", "W2A8", "W2A2"} for layer in report["layers"])
+    assert all(layer["candidates"]["W8A8"] > 0 for layer in report["layers"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_measure_through_rpc_tracker_on_localhost(tmp_path):
+    port = _free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(port), "--port-end", str(port + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        time.sleep(2)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                                   "--key", "ohq-test", "--host", "127.0.0.1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(3)
+        from ohq_tvm.measure import _rpc_runner
+        measurer = Measurer(TARGET, _rpc_runner(f"127.0.0.1:{port}", "ohq-test", 60))
+        record = search(LAYER, kernels.parse_config("W8A8"), measurer, TuningLog(tmp_path / "rpc.jsonl", TARGET))
+        assert record.final and record.ms is not None and record.ms > 0
+        assert measurer.measurements >= 1
+    finally:
+        for proc in (server, tracker):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "8,3"], "supported bit-widths"), (["--bits", "x"], "comma-separated"),
+    (["--rpc-tracker", "127.0.0.1:9"], "go together"), (["--target", "aarch64"], "needs --rpc-tracker"),
+])
+def test_measure_cli_errors(args, message):
+    result = run_cli("measure", FMNIST, *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
