@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -121,14 +122,18 @@ def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
 def layer_kernels(scheduled: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
     """The scheduled PrimFunc of each conv2d / matmul of `scheduled`, in the order of main.
 
-    Convolutions and matmuls are the only "out-elementwise-fusable" anchors FuseOps builds
-    around (pattern 4), so the k-th such call is the k-th layer of the layer table.
+    Each conv2d / matmul anchors one fused kernel (its bias, clamp and residual add fused in),
+    so the k-th kernel with a conv2d or matmul block is the k-th layer of the layer table.
     """
     calls = []
     for binding in (b for block in scheduled["main"].body.blocks for b in block.bindings):
         value = binding.value
         if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
             func = scheduled[value.args[0]]
-            if int(func.attrs.get("op_pattern", -1)) == 4:
+            if any(("conv2d" in name or "matmul" in name) for name in _block_names(func)):
                 calls.append(func)
     return calls
+
+
+def _block_names(func: tvm.tirx.PrimFunc) -> list[str]:
+    return re.findall(r'T\.sblock\("(\w+)"', func.script())

@@ -10,9 +10,8 @@ import tvm
 import tvm_ffi
 
 from ohq_tvm import kernels
-from ohq_tvm.kernels import ActQuant, Geometry, conv_reference
 from ohq_tvm.target import parse_target
-from test_kernels import conv_layer, dense_layer, random_codes
+from test_kernels import conv_layer, dense_layer, exact_case
 
 BOARDS = {"aarch64": ("qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
           "armv7": ("qemu-arm-static", "/usr/arm-linux-gnueabihf")}
@@ -52,21 +51,9 @@ def test_kernel_runs_bit_exact_under_qemu(board, config_name, layer, tmp_path):
     subprocess.run([target.cross_cc, "-O1", "-std=c11", f"-I{include}", str(Path(__file__).parent / "arm_driver.c"),
                     str(so), "-lm", "-o", str(driver), "-Wl,-rpath,$ORIGIN"], check=True)
 
-    rng = np.random.default_rng(3)
-    g = Geometry.of(layer)
-    act = ActQuant(config.abits, 1.0, int(rng.integers(0, 2 ** config.abits)))
-    codes = random_codes(rng, config, (g.o, g.kh, g.kw, g.c // g.groups))
-    qa = rng.integers(0, 2 ** config.abits, (g.n, g.h, g.w, g.c)).astype(np.uint8)
-    w = {"dot": lambda: kernels.conv.pack_dot_weights(codes, isa, knobs, config.wbits),
-         "bitserial": lambda: kernels.bitserial.pack_bitserial_weights(codes, isa, knobs, config.wbits),
-         "grouped": lambda: kernels.grouped.pack_grouped_weights(codes, isa, knobs)}[kernels.family(layer, config)]()
-    chan = np.stack([np.ones(g.o, np.float32), -act.zero_point * codes.reshape(g.o, -1).sum(1).astype(np.float32)])
-    q = np.array([1, act.zero_point, -np.inf, np.inf], np.float32)
-    x = (qa.astype(np.float32) - act.zero_point).reshape(layer.input_shape)
-    serialize([x, w, chan, q, np.zeros(layer.output_shape, np.float32)], tmp_path / "in.bin")
+    args, want = exact_case(layer, config, knobs, isa, np.random.default_rng(3))
+    serialize([*args, np.zeros(layer.output_shape, np.float32)], tmp_path / "in.bin")
     run = subprocess.run([qemu, "-L", sysroot, str(driver), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    got = np.fromfile(tmp_path / "out.bin", np.float32).reshape(layer.output_shape)
-    want = conv_reference(qa, act.zero_point, codes, g.strides, g.padding, g.groups)
-    np.testing.assert_array_equal(got.reshape(want.shape), want.astype(np.float32))
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "out.bin", np.float32).reshape(want.shape), want)

@@ -55,29 +55,32 @@ def compile_kernel(layer, config, knobs):
     return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
 
 
-def run(lib, layer, packed, x):
+def run(lib, layer, args):
     out = tvm.runtime.tensor(np.zeros(layer.output_shape, np.float32))
-    lib["main"](*(tvm.runtime.tensor(a) for a in (x, packed.w, packed.chan, packed.q)), out)
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
     return out.numpy()
 
 
-def check_exact(layer, config, seed):
-    """Integer core: scale 1 and offset -z*sum(q) make the float output the exact integer sum."""
-    rng = np.random.default_rng(seed)
+def exact_case(layer, config, knobs, isa, rng):
+    """Kernel arguments whose float output is the exact integer sum (scale 1, offset -z*sum q,
+    input = codes - z), and that sum from the numpy reference."""
     g = Geometry.of(layer)
-    act = ActQuant(config.abits, 1.0, int(rng.integers(0, 2 ** config.abits)))
+    z = int(rng.integers(0, 2 ** config.abits))
     codes = random_codes(rng, config, (g.o, g.kh, g.kw, g.c // g.groups))
     qa = rng.integers(0, 2 ** config.abits, (g.n, g.h, g.w, g.c)).astype(np.uint8)
+    chan = np.stack([np.ones(g.o, np.float32), -z * codes.reshape(g.o, -1).sum(1).astype(np.float32)])
+    args = [(qa.astype(np.float32) - z).reshape(layer.input_shape), kernels.pack_codes(layer, config, knobs, isa, codes),
+            chan, np.array([1, z, -np.inf, np.inf], np.float32)]
+    want = conv_reference(qa, z, codes, g.strides, g.padding, g.groups)
+    return args, want.astype(np.float32).reshape(layer.output_shape)
+
+
+def check_exact(layer, config, seed):
+    rng = np.random.default_rng(seed)
     for knobs in kernels.knob_space(layer, config, ISA)[:2]:
-        w = {"dot": lambda: kernels.conv.pack_dot_weights(codes, ISA, knobs, config.wbits),
-             "bitserial": lambda: kernels.bitserial.pack_bitserial_weights(codes, ISA, knobs, config.wbits),
-             "grouped": lambda: kernels.grouped.pack_grouped_weights(codes, ISA, knobs)}[kernels.family(layer, config)]()
-        chan = np.stack([np.ones(g.o, np.float32), -act.zero_point * codes.reshape(g.o, -1).sum(1).astype(np.float32)])
-        packed = kernels.Packed(w, chan, np.array([1, act.zero_point, -np.inf, np.inf], np.float32), codes, act)
-        x = (qa.astype(np.float32) - act.zero_point).reshape(layer.input_shape)
-        got = run(compile_kernel(layer, config, knobs), layer, packed, x)
-        want = conv_reference(qa, act.zero_point, codes, g.strides, g.padding, g.groups)
-        np.testing.assert_array_equal(got.reshape(want.shape), want.astype(np.float32), err_msg=f"{config.name} {knobs}")
+        args, want = exact_case(layer, config, knobs, ISA, rng)
+        got = run(compile_kernel(layer, config, knobs), layer, args)
+        np.testing.assert_array_equal(got, want, err_msg=f"{config.name} {knobs}")
 
 
 @pytest.mark.parametrize("config", [c for c in INT_CONFIGS], ids=lambda c: c.name)
@@ -108,7 +111,7 @@ def test_float_io_matches_simulation(config):
         act = ActQuant.from_range(-1, 3, config.abits)
         knobs = kernels.knob_space(layer, config, ISA)[0]
         packed = kernels.pack(layer, config, knobs, ISA, weight, bias, act, clamp=(0.0, 6.0))
-        got = run(compile_kernel(layer, config, knobs), layer, packed, x)
+        got = run(compile_kernel(layer, config, knobs), layer, (x, packed.w, packed.chan, packed.q))
         want = kernels.simulate(layer, packed, x)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
         assert 0 <= got.min() and got.max() <= 6

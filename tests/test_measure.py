@@ -8,13 +8,12 @@ import sys
 import time
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from conftest import FMNIST, ROOT, TUNING_LOGS, run_cli
 from ohq_tvm import kernels
 from ohq_tvm.layers import Layer
-from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search, workload_key
+from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search
 from ohq_tvm.target import parse_target
 
 TARGET = parse_target("llvm")

@@ -28,7 +28,7 @@ from .isa import Isa, isa_of
 from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
 
 __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Isa", "Knobs", "Packed", "build", "family",
-           "isa_of", "knob_space", "pack", "parse_config", "simulate"]
+           "isa_of", "knob_space", "pack", "pack_codes", "parse_config", "simulate"]
 
 
 def family(layer: Layer, config: Config) -> str | None:
@@ -70,6 +70,16 @@ class Packed:
     act: ActQuant
 
 
+def pack_codes(layer: Layer, config: Config, knobs: Knobs, isa: Isa, codes: np.ndarray) -> np.ndarray:
+    """Signed weight codes [O, KH, KW, C/groups] -> the layout of `layer`'s kernel at `config`."""
+    kind = family(layer, config)
+    if kind == "dot":
+        return conv.pack_dot_weights(codes, isa, knobs, config.wbits)
+    if kind == "bitserial":
+        return bitserial.pack_bitserial_weights(codes, isa, knobs, config.wbits)
+    return grouped.pack_grouped_weights(codes, isa, knobs)
+
+
 def _ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
     return weight.T[:, None, None, :] if layer.op == "matmul" else weight
 
@@ -83,13 +93,7 @@ def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarra
     scale = (np.float32(act.scale) * wscale).astype(np.float32)
     bias = np.zeros(o, np.float32) if bias is None else bias.astype(np.float32)
     offset = bias - scale * np.float32(act.zero_point) * codes.reshape(o, -1).sum(1).astype(np.float32)
-    kind = family(layer, config)
-    if kind == "dot":
-        w = conv.pack_dot_weights(codes, isa, knobs, config.wbits)
-    elif kind == "bitserial":
-        w = bitserial.pack_bitserial_weights(codes, isa, knobs, config.wbits)
-    else:
-        w = grouped.pack_grouped_weights(codes, isa, knobs)
+    w = pack_codes(layer, config, knobs, isa, codes)
     q = np.array([act.inv_scale, act.zero_point, clamp[0], clamp[1]], np.float32)
     return Packed(w, np.stack([scale, offset.astype(np.float32)]), q, codes, act)
 

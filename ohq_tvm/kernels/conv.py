@@ -20,7 +20,6 @@ from tvm import te
 
 from ..layers import Layer
 from .isa import Isa
-from .scheme import conv_reference  # noqa: F401  (re-exported for tests)
 
 
 @dataclass(frozen=True)
@@ -135,34 +134,34 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         y = acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o]
         return te.max(te.min(y, q[3]), q[2])
     out = te.compute(out_shape, epilogue, name="out")
-    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits != 8, len(x_shape) == 4)
+    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits)
 
 
-def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, unpack: bool, image: bool) -> tvm.tirx.PrimFunc:
+def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -> tvm.tirx.PrimFunc:
+    unpack = wbits != 8
     sch = s_tir.Schedule(func)
-    a = sch.get_sblock("a")
-    a_loops = sch.get_loops(a)
-    sch.parallel(sch.fuse(*a_loops[:2]))
+    schedule_elementwise(sch, sch.get_sblock("a"))
     acc = sch.get_sblock("acc")
     n, h, w, o, ry, rx, rc = sch.get_loops(acc)
     wo, wi = sch.split(w, [None, knobs.tile_w])
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
-    rco, rci = sch.split(rc, [None, 4])
-    sch.reorder(n, h, wo, oo, ry, rx, rco, wi, ob, oi, rci)
+    per = 8 // wbits
+    rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
+    sch.reorder(n, h, wo, oo, ry, rx, rco, rcm, wi, ob, oi, rci)
     sch.parallel(sch.fuse(n, h, wo, oo))
     sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, sch.get_loops(acc)[0])
     _vectorize_inner(sch, out)
-    if unpack:   # unpack the tile's weights next to their use, into registers / L1
+    if unpack:   # unpack the tile's weights next to their use (one byte load serves `per` blocks)
         wu = sch.get_sblock("wu")
         sch.compute_at(wu, rco)
         sch.set_scope(wu, 0, "local")
         wl = sch.get_loops(wu)
         sch.vectorize(sch.fuse(wl[-2], wl[-1]))
     intrin = isa.intrinsic("local" if unpack else "global", "local")
-    sch.unroll(wi)
-    sch.unroll(ob)
+    for loop in (rcm, wi, ob):
+        sch.unroll(loop)
     if intrin is None:      # vectorize before decompose_reduction, which would block it
         sch.vectorize(oi)
         sch.unroll(rci)
@@ -200,3 +199,13 @@ def _vectorize_inner(sch: s_tir.Schedule, block) -> None:
     loops = sch.get_loops(block)
     if len(loops) > 1:
         sch.vectorize(loops[-1])
+
+
+def schedule_elementwise(sch: s_tir.Schedule, block) -> None:
+    """A root elementwise stage (e.g. the input quantization): parallel rows, vectorized channels."""
+    loops = sch.get_loops(block)
+    sch.parallel(sch.fuse(*loops[:2]))
+    extent = int(sch.get(loops[-1]).extent)
+    lanes = next((v for v in (32, 16, 8, 4) if extent % v == 0), None)
+    if lanes:
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[1])

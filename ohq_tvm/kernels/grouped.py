@@ -10,7 +10,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
-from .conv import Geometry, Knobs, _ceil, _input_view, _vectorize_inner
+from .conv import Geometry, Knobs, _ceil, _input_view, _vectorize_inner, schedule_elementwise
 from .isa import Isa
 
 
@@ -48,9 +48,7 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
         acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q[3]), q[2]), name="out")
 
     sch = s_tir.Schedule(te.create_prim_func([x, w, chan, q, out]))
-    al = sch.get_loops(sch.get_sblock("a"))
-    sch.parallel(sch.fuse(al[0], al[1]))
-    sch.vectorize(al[-1])
+    schedule_elementwise(sch, sch.get_sblock("a"))
     block = sch.get_sblock("acc")
     n, h, w_, o, lry, lrx, lrc = sch.get_loops(block)
     wo, wi = sch.split(w_, [None, knobs.tile_w])
