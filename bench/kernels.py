@@ -85,6 +85,13 @@ def ort_models(layer: Layer, rng) -> dict[str, tuple[onnx.ModelProto, np.ndarray
     return models
 
 
+def threaded_timer(lib, args, threads: int):
+    def measure() -> float:
+        set_threads(threads)
+        return time_module(lib, args)
+    return measure
+
+
 def main() -> None:
     target = parse_target("llvm", max(THREADS))
     measurer = Measurer(target)
@@ -108,7 +115,7 @@ def main() -> None:
             chosen[f"{wname} {cname}"] = best.knobs
             lib, args = build_kernel(layer, config, knobs, target.tvm), kernel_args(layer, config, knobs, target.tvm)
             for t in THREADS:
-                timers[("tvm", cname, t)] = (lambda lib=lib, args=args, t=t: (set_threads(t), time_module(lib, args))[1])
+                timers[("tvm", cname, t)] = threaded_timer(lib, args, t)
         for name, (model, x) in ort_models(layer, rng).items():
             path = ROOT / "build" / "bench_kernels" / f"{name}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)

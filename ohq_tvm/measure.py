@@ -352,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("measuring", total=unique * len(configs))
         result = measure_model(layers, fp32, configs, measurer, log,
                                lambda what: progress.update(task, advance=1, description=what))
-    from rich.console import Console as Out
-    Out().print(measurement_table(result, configs))
+    Console().print(measurement_table(result, configs))
     console.print(f"{result.builds} builds, {result.measurements} measurements in {result.seconds:.1f} s "
                   f"(log: {log.path})")
     if args.json:
