@@ -15,7 +15,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
-from .conv import Geometry, Knobs, _ceil, _input_view
+from .conv import Geometry, Knobs, _ceil, quantized_input
 from .isa import Isa
 
 
@@ -38,24 +38,16 @@ def bitserial_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Kno
     lanes, nb = isa.lanes, knobs.tile_o
     words = _ceil(g.c, 32) // 32
     o_pad = _ceil(g.o, lanes * nb)
-    hp, wp = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
-    top, left = g.padding[0], g.padding[1]
-    qmax = float(2 ** abits - 1)
     alpha, offset = weight_offset(wbits)
 
     x = te.placeholder(x_shape, "float32", name="x")
     w = te.placeholder((o_pad // (lanes * nb), g.kh, g.kw, wbits, words, nb * lanes), "uint32", name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
-    view = _input_view(x, g)
 
-    def code(n, h, w_, c):
-        inside = tvm.tirx.all(h >= top, h < g.h + top, w_ >= left, w_ < g.w + left)
-        v = te.max(te.min(te.round(view(n, h - top, w_ - left, c) * q[0]) + q[1], qmax), 0.0)
-        return tvm.tirx.if_then_else(c < g.c, tvm.tirx.if_then_else(inside, v, q[1]), 0.0).astype("uint32")
-    codes = te.compute((g.n, hp, wp, words * 32), code, name="codes")
+    codes = te.compute((g.n, g.hp, g.wp, words * 32), quantized_input(x, g, q, 2 ** abits - 1, "uint32"), name="codes")
     t = te.reduce_axis((0, 32), "t")
-    planes = te.compute((g.n, hp, wp, abits, words), lambda n, h, w_, i, cw: te.sum(
+    planes = te.compute((g.n, g.hp, g.wp, abits, words), lambda n, h, w_, i, cw: te.sum(
         ((codes[n, h, w_, cw * 32 + t] >> i.astype("uint32")) & tvm.tirx.const(1, "uint32")) << t.astype("uint32"),
         axis=t), name="planes")
 

@@ -37,12 +37,21 @@ class Geometry:
     groups: int
 
     @property
+    def hp(self) -> int:
+        """Padded input height."""
+        return self.h + self.padding[0] + self.padding[2]
+
+    @property
+    def wp(self) -> int:
+        return self.w + self.padding[1] + self.padding[3]
+
+    @property
     def oh(self) -> int:
-        return (self.h + self.padding[0] + self.padding[2] - self.kh) // self.strides[0] + 1
+        return (self.hp - self.kh) // self.strides[0] + 1
 
     @property
     def ow(self) -> int:
-        return (self.w + self.padding[1] + self.padding[3] - self.kw) // self.strides[1] + 1
+        return (self.wp - self.kw) // self.strides[1] + 1
 
     @classmethod
     def of(cls, layer: Layer) -> "Geometry":
@@ -74,6 +83,22 @@ def knob_space(g: Geometry, isa: Isa) -> list[Knobs]:
     return tiles[:6]
 
 
+def quantized_input(x: te.Tensor, g: Geometry, q: te.Tensor, qmax: int, dtype: str):
+    """(n, h, w, c) of the padded NHWC image -> activation code, for every template's input stage.
+
+    Spatial padding is the code of 0.0 (the zero point q[1]); channels padded beyond g.c are code 0,
+    so they add nothing whatever their (e.g. bipolar) weight.
+    """
+    view, top, left = _input_view(x, g), g.padding[0], g.padding[1]
+
+    def code(n, h, w, c):
+        inside = tvm.tirx.all(h >= top, h < g.h + top, w >= left, w < g.w + left)
+        value = te.max(te.min(te.round(view(n, h - top, w - left, c) * q[0]) + q[1], float(qmax)), 0.0)
+        value = tvm.tirx.if_then_else(inside, value, q[1])
+        return tvm.tirx.if_then_else(c < g.c, value, 0.0).astype(dtype)
+    return code
+
+
 def _input_view(x: te.Tensor, g: Geometry):
     """x in its own shape -> accessor (n, h, w, c) of the NHWC image the kernel sees."""
     if len(x.shape) == 4:
@@ -88,25 +113,14 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
     per = 8 // wbits                                    # weight codes per byte (along channel blocks)
     c4 = _ceil(g.c, 4 * per)
     o_pad = _ceil(g.o, lanes * nb)
-    hp, wp = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
-    top, left = g.padding[0], g.padding[1]
 
     x = te.placeholder(x_shape, "float32", name="x")
     w_dtype = "int8" if wbits == 8 else "uint8"
     w = te.placeholder((o_pad // (lanes * nb), g.kh, g.kw, c4 // (4 * per), nb, lanes, 4), w_dtype, name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
-    view = _input_view(x, g)
 
-    def quantized(n, h, w_, c):
-        # spatial padding is the code of 0.0 (z); padded channels are code 0 so they add nothing
-        # whatever their (bipolar) weight
-        inside = tvm.tirx.all(h >= top, h < g.h + top, w_ >= left, w_ < g.w + left)
-        code = te.round(view(n, h - top, w_ - left, c) * q[0]) + q[1]
-        clipped = te.max(te.min(code, tvm.tirx.const(255.0, "float32")), tvm.tirx.const(0.0, "float32"))
-        value = tvm.tirx.if_then_else(inside, clipped, q[1])
-        return tvm.tirx.if_then_else(c < g.c, value, tvm.tirx.const(0.0, "float32")).astype("uint8")
-    a = te.compute((g.n, hp, wp, c4), quantized, name="a")
+    a = te.compute((g.n, g.hp, g.wp, c4), quantized_input(x, g, q, 255, "uint8"), name="a")
 
     if wbits == 8:
         wu = w

@@ -10,7 +10,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
-from .conv import Geometry, Knobs, _ceil, _input_view, _vectorize_inner, schedule_elementwise
+from .conv import Geometry, Knobs, _ceil, _vectorize_inner, quantized_input, schedule_elementwise
 from .isa import Isa
 
 
@@ -25,19 +25,12 @@ def knob_space(g: Geometry, isa: Isa) -> list[Knobs]:
 def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs) -> tvm.tirx.PrimFunc:
     og, cg = g.o // g.groups, g.c // g.groups
     o_pad = _ceil(g.o, isa.lanes * knobs.tile_o)
-    hp, wp = g.h + g.padding[0] + g.padding[2], g.w + g.padding[1] + g.padding[3]
-    top, left = g.padding[0], g.padding[1]
     x = te.placeholder(x_shape, "float32", name="x")
     w = te.placeholder((g.kh, g.kw, cg, o_pad), "int8", name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
-    view = _input_view(x, g)
 
-    def quantized(n, h, w_, c):
-        inside = tvm.tirx.all(h >= top, h < g.h + top, w_ >= left, w_ < g.w + left)
-        code = te.max(te.min(te.round(view(n, h - top, w_ - left, c) * q[0]) + q[1], 255.0), 0.0)
-        return tvm.tirx.if_then_else(inside, code, q[1]).astype("uint8")
-    a = te.compute((g.n, hp, wp, g.c), quantized, name="a")
+    a = te.compute((g.n, g.hp, g.wp, g.c), quantized_input(x, g, q, 255, "uint8"), name="a")
     ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, cg), "rc")
     sh, sw = g.strides
     channel = (lambda o, c: te.min(o, g.o - 1)) if cg == 1 and og == 1 else (lambda o, c: te.min(o // og, g.groups - 1) * cg + c)
