@@ -4,7 +4,7 @@ export TVM_NUM_THREADS ?= $(THREADS)
 APT_PACKAGES := gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static file
 STAMP := .make/setup.stamp
 
-.PHONY: setup demo test bench bench-fp32 bench-kernels models clean
+.PHONY: setup demo test bench bench-fp32 bench-kernels bench-mqe bench-e2e models clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	@mkdir -p $(@D) && touch $@
 
-# The main job on the embedded Fashion-MNIST model: compile, then evaluate the .so.
+# The main job on the embedded Fashion-MNIST model: the whole OHQ flow (measure, mqe, solve, rewrite, build),
+# then the mixed-precision .so is evaluated on the 10,000 test images.
 demo: setup
 	$(PYTHON) -m ohq_tvm.compile ohq_tvm/assets/fmnist_resnet.onnx --target llvm --output build/fmnist_resnet.so --force
 	$(PYTHON) -m ohq_tvm.evaluate build/fmnist_resnet.so --dataset fmnist
@@ -27,13 +28,19 @@ test: setup
 	$(PYTHON) -m pytest
 
 # Timings: run on a quiet machine (one timing job at a time). Results in bench/results/, summarized in README.
-bench: bench-fp32 bench-kernels
+bench: bench-fp32 bench-kernels bench-mqe bench-e2e
 
 bench-fp32: setup
 	$(PYTHON) bench/fp32.py
 
 bench-kernels: setup
 	$(PYTHON) bench/kernels.py
+
+bench-mqe: setup
+	$(PYTHON) bench/mqe.py
+
+bench-e2e: setup
+	$(PYTHON) bench/e2e.py
 
 # Re-export the example models (needs torch==2.13.0 from the machine's wheel; not needed otherwise).
 models: setup

@@ -13,7 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.timing import interleaved, machine, ort_timer, update_readme, write  # noqa: E402
-from ohq_tvm.compile import compile_onnx  # noqa: E402
+from ohq_tvm.compile import Options, compile_onnx  # noqa: E402
 from ohq_tvm.runtime import Model, set_threads  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
@@ -22,7 +22,7 @@ THREADS = (1, 2)
 
 def main() -> None:
     compiled = compile_onnx(MODEL, "llvm", work_dir=ROOT / "tuning_logs", threads=2,
-                            tune_trials=int(os.environ.get("TUNE_TRIALS", "32")))
+                            options=Options(uniform="FP32", tune_trials=int(os.environ.get("TUNE_TRIALS", "32"))))
     ours = Model(compiled.executable)
     x = np.random.default_rng(0).standard_normal(compiled.imported.input_shape, dtype=np.float32)
 

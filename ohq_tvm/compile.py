@@ -1,19 +1,57 @@
-"""``python -m ohq_tvm.compile model.onnx --target llvm``: ONNX in, deployable ``.so`` out."""
+"""``python -m ohq_tvm.compile model.onnx --target llvm``: the OHQ flow, ONNX in, deployable ``.so`` out.
+
+import -> schedule the FP32 kernels (MetaSchedule) -> measure every layer at every candidate on this
+CPU (OQA) -> estimate each candidate's damage without data (MQE) -> pick one candidate per layer
+(ILP) -> rewrite the graph with the chosen integer kernels -> build, time, report.
+
+Python API::
+
+    from ohq_tvm.compile import Options, compile_onnx
+    result = compile_onnx("model.onnx", "llvm", options=Options(latency_budget="0.75"))
+    result.export("model.so")
+"""
 from __future__ import annotations
 
+import json
+import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
-from . import build, tune
+from . import build, kernels, mqe, report, solve, tune
 from .cli import ArgumentParser, common_args, quiet_tvm_logs
 from .errors import OhqError, run_cli
 from .frontend import Imported, load_onnx, parse_shape, run_onnxruntime
 from .layers import Layer, find_layers, layer_table
+from .measure import Measurer, TuningLog, candidates_for_bits, measure_model, rpc_runner
+from .rewrite import LayerPlan, QuantizeLayers
 from .target import Target, parse_target
+
+SIMULATION_TRIALS = 8    # MetaSchedule trials per kernel of MQE's simulation: it only has to be fast enough
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the flow may choose and how it judges the choice."""
+    bits: tuple[int, ...] = (8, 4, 2, 1)        # allowed weight / activation bit-widths
+    latency_budget: str | None = None           # "0.75" (of uniform INT8) or "12.5ms"; None: the fastest
+                                                # configuration with no more estimated loss than uniform INT8
+    size_budget: int | None = None              # weight bytes
+    exclude: tuple[str, ...] = ()               # "conv2d0" (kept FP32) or "conv2d0=W8A8"
+    uniform: str | None = None                  # one candidate for every layer, no solving ("FP32": no quantization)
+    config: dict[str, str] | None = None        # a given per-layer choice (e.g. a previous run's sidecar)
+    sensitivity: str = "mqe"
+    calibration_data: str | Path | None = None
+    samples: int = 8
+    seed: int = 0
+    tune_trials: int = 32                       # MetaSchedule trials per kernel missing from the logs
+    pareto: int = 8                             # budgets swept for the report's Pareto front
+    baselines: bool = True                      # also build and time FP32 and uniform INT8 (report)
+    rpc: tuple[str, str] | None = None          # (tracker HOST:PORT, key): measure on a board
 
 
 @dataclass
@@ -24,67 +62,365 @@ class Compiled:
     executable: object                     # relax.VMExecutable
     tune_stats: tune.TuneStats
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    report: report.Report | None = None
+    records: list[dict] = field(default_factory=list)   # the rewrite's per-layer kernels and scales
+
+    def export(self, output: str | Path, force: bool = False, model_name: str = "model") -> list[Path]:
+        """The .so, and for a quantized module its sidecar and reports, each written atomically."""
+        output = Path(output)
+        build.export(self.executable, output, self.target, force=force)
+        written = [output]
+        if self.report is not None:
+            sidecar = output.with_suffix(".quant.json")
+            report.write_text(sidecar, json.dumps({
+                "model": model_name, "target": self.target.key, "config": self.report.config,
+                "layers": self.records}, indent=1) + "\n")
+            written += [sidecar, *report.write(self.report, output)]
+        return written
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _time_ms(executable, shape: tuple[int, ...], threads: int) -> float:
+    """Latency of the deployable library: exported, loaded and run like a user's (running the executable
+    in place would also make a later export of it warn)."""
+    import tempfile
+    from .runtime import Model, set_threads
+    set_threads(threads)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        executable.export_library(f"{tmp}/m.so")
+        model = Model.load(f"{tmp}/m.so")
+        return min(model.time_ms(x, min_seconds=0.3) for _ in range(3))
+
+
+def parse_exclude(items: tuple[str, ...], layers: list[Layer]) -> dict[str, frozenset[str]]:
+    ids = {layer.id for layer in layers}
+    allowed = {}
+    for item in items:
+        lid, _, config = item.partition("=")
+        if lid not in ids:
+            raise OhqError(f"--exclude {item}: no layer {lid!r} (layer ids: {', '.join(sorted(ids))})")
+        name = config.upper() or "FP32"
+        if name not in ("FP32", "W8A8"):
+            raise OhqError(f"--exclude {item}: an excluded layer is kept at FP32 or W8A8, not {config}")
+        allowed[lid] = frozenset({name})
+    return allowed
+
+
+class Flow:
+    """The stages of one compilation, sharing the imported model, target, logs and stage timings."""
+
+    def __init__(self, model: Path, target: Target, imported: Imported, work_dir: Path, options: Options,
+                 console: Console) -> None:
+        self.model, self.target, self.imported, self.options = model, target, imported, options
+        self.work_dir, self.console = Path(work_dir), console
+        self.layers = find_layers(imported.mod)
+        self.tuned = 0
+
+    def schedule(self, mod) -> object:
+        """Fuse, tune what the logs miss, apply the records: the module ready to compile."""
+        fused = tune.fuse(mod, self.target)
+        with self.console.status(f"scheduling kernels for {self.target.key} (MetaSchedule)"):
+            stats = tune.tune(fused, self.target, self.work_dir, self.options.tune_trials if self.target.native else 0)
+            self.tuned += stats.tuned
+            self.stats = stats
+            return tune.apply(fused, self.target, self.work_dir)
+
+    def measure(self, configs, fp32_scheduled) -> dict[str, dict[str, dict]]:
+        """OQA: layer id -> candidate -> {"ms", "knobs"} (unavailable candidates absent)."""
+        runner = rpc_runner(*self.options.rpc, 60) if self.options.rpc else None
+        fp32 = tune.layer_kernels(fp32_scheduled)
+        if len(fp32) != len(self.layers):
+            self.console.print(f"[yellow]FP32 kernels not matched to layers ({len(fp32)} vs {len(self.layers)})")
+            fp32 = None
+        log = TuningLog(self.work_dir / self.target.key / "oqa.jsonl", self.target)
+        from rich.progress import Progress
+        with Progress(console=self.console, transient=True) as progress:
+            unique = len({layer.workload for layer in self.layers})
+            task = progress.add_task("OQA: measuring", total=unique * len(configs))
+            result = measure_model(self.layers, fp32, configs, Measurer(self.target, runner), log,
+                                   lambda what: progress.update(task, advance=1, description=f"OQA: {what}"))
+        self.console.print(f"OQA: {result.builds} builds, {result.measurements} measurements in {result.seconds:.1f} s")
+        return {t.layer.id: {name: {"ms": ms, "knobs": t.knobs.get(name)} for name, ms in t.ms.items()
+                             if ms is not None} for t in result.layers}
+
+    def estimate(self, configs) -> mqe.Sensitivity:
+        """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs)."""
+        host = self.target if self.target.native else parse_target("llvm", self.target.threads)
+        o = self.options
+        key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
+                            kernels.isa_of(host.tvm).reduce_range)
+        cache = self.work_dir / host.key / "mqe" / f"{key}.json"
+        if cache.is_file():
+            try:
+                return mqe.Sensitivity.from_json(json.loads(cache.read_text()))
+            except (ValueError, KeyError, TypeError):
+                self.console.print(f"[yellow]{cache}: corrupt MQE cache ignored")
+        with self.console.status(f"MQE: {o.sensitivity} over {len(self.layers)} layers"):
+            result = mqe.estimate(self.model, self.imported, self.layers, configs, host, method=o.sensitivity,
+                                  calibration_data=o.calibration_data, samples=o.samples, seed=o.seed,
+                                  work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(cache, json.dumps(result.to_json()))
+        return result
+
+    def plan(self, config: dict[str, str], timings: dict, ranges: dict) -> dict[str, LayerPlan]:
+        isa = kernels.isa_of(self.target.tvm)
+        plans = {}
+        for layer in self.layers:
+            name = config[layer.id]
+            if name == "FP32":
+                continue
+            cand = kernels.parse_config(name)
+            if kernels.family(layer, cand) is None:
+                raise OhqError(f"{layer.id} ({layer.kind}) has no {name} kernel")
+            knobs = (timings.get(layer.id, {}).get(name) or {}).get("knobs")
+            knobs = kernels.Knobs(*knobs) if knobs else kernels.knob_space(layer, cand, isa)[0]
+            plans[layer.id] = LayerPlan(cand, knobs, tuple(ranges[layer.id]))
+        return plans
+
+    def build(self, plans: dict[str, LayerPlan]) -> tuple[object, list[dict]]:
+        rewrite = QuantizeLayers(plans, self.target.tvm)
+        mod = rewrite(self.imported.mod)
+        executable = build.compile_module(self.schedule(mod), self.target)
+        return executable, rewrite.records
+
+    def time(self, executable) -> float | None:
+        return _time_ms(executable, self.imported.input_shape, self.target.threads) if self.target.native else None
+
+    def uniform(self, name: str) -> dict[str, str]:
+        """`name` for every layer that has that kernel, FP32 for the others."""
+        cand = kernels.parse_config(name)
+        return {layer.id: name if cand.family == "fp32" or kernels.family(layer, cand) else "FP32"
+                for layer in self.layers}
+
+
+def _options_table(timings: dict, scores: dict[str, dict[str, float]], layers: list[Layer]) -> dict[str, dict]:
+    """layer id -> candidate -> {"ms", "loss"}: what the solver may pick (measured and estimated)."""
+    table = {}
+    for layer in layers:
+        row = {name: {"ms": t["ms"], "loss": scores.get(layer.id, {}).get(name)}
+               for name, t in timings.get(layer.id, {}).items()}
+        table[layer.id] = {name: v for name, v in row.items() if v["loss"] is not None}
+    return table
+
+
+def _problem(table: dict[str, dict], layers: list[Layer], fixed_ms: float,
+             allowed: dict[str, frozenset[str]]) -> solve.Problem:
+    options = {}
+    for layer in layers:
+        options[layer.id] = [solve.Option(name, v["ms"], v["loss"],
+                                          layer.weight_bytes(32 if name == "FP32" else int(name[1:].split("A")[0])))
+                             for name, v in table[layer.id].items()]
+    return solve.Problem(options, fixed_ms, allowed=allowed)
 
 
 def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shape: tuple[int, ...] | None = None,
-                 work_dir: str | Path = "tuning_logs", tune_trials: int = 32, threads: int | None = None,
+                 work_dir: str | Path = "tuning_logs", options: Options = Options(), threads: int | None = None,
                  console: Console | None = None) -> Compiled:
-    """Import, schedule every kernel (tuning only what the logs miss) and compile."""
+    """The whole flow. `options.uniform == "FP32"` compiles the FP32 model (every kernel scheduled)."""
     console = console or Console(stderr=True, quiet=True)
     target = target if isinstance(target, Target) else parse_target(target, threads)
+    model = Path(model)
     stages: dict[str, float] = {}
-    t0 = time.perf_counter()
-    imported = load_onnx(model, input_shape)
-    layers = find_layers(imported.mod)
-    stages["import"] = time.perf_counter() - t0
+    with _stage(stages, "import"):
+        imported = load_onnx(model, input_shape)
+    flow = Flow(model, target, imported, Path(work_dir), options, console)
+    allowed = parse_exclude(options.exclude, flow.layers)
+    with _stage(stages, "schedule FP32"):
+        fp32_scheduled = flow.schedule(imported.mod)
+    if options.uniform and options.uniform.upper() == "FP32":
+        with _stage(stages, "build"):
+            executable = build.compile_module(fp32_scheduled, target)
+        return Compiled(imported, flow.layers, target, executable, flow.stats, stages)
+    if not flow.layers:
+        raise OhqError(f"{model}: no conv2d or matmul layer with constant weights to quantize; "
+                       "compile it with --uniform FP32")
 
-    t0 = time.perf_counter()
-    fused = tune.fuse(imported.mod, target)
-    with console.status(f"scheduling kernels for {target.key} (MetaSchedule, logs in {work_dir})"):
-        stats = tune.tune(fused, target, Path(work_dir), tune_trials)
-        scheduled = tune.apply(fused, target, Path(work_dir))
-    stages["tune"] = time.perf_counter() - t0
+    configs = candidates_for_bits(options.bits)
+    if options.uniform:
+        configs = [kernels.parse_config("FP32"), kernels.parse_config(options.uniform)]
+    elif kernels.parse_config("W8A8") not in configs:
+        configs.append(kernels.parse_config("W8A8"))      # the reference the budget is a fraction of
+    fixed_choice = options.config or (flow.uniform(options.uniform) if options.uniform else None)
+    if fixed_choice is not None:
+        unknown = set(fixed_choice) ^ {layer.id for layer in flow.layers}
+        if unknown:
+            raise OhqError(f"--config does not match the model's layers: {', '.join(sorted(unknown))}")
+    need_timings = fixed_choice is None or (options.baselines and target.native)
+    if need_timings and not target.native and options.rpc is None:
+        raise OhqError(f"{target.key} is not this CPU: measuring it needs --rpc-tracker and --rpc-key "
+                       "(or give --uniform CANDIDATE or --config FILE to skip measuring)")
+    timings = {}
+    if need_timings:
+        with _stage(stages, "measure"):
+            timings = flow.measure(configs, fp32_scheduled)
+    with _stage(stages, "mqe"):
+        sens = flow.estimate(configs)
+    ranges = sens.calibration.ranges
+    table = _options_table(timings, sens.scores, flow.layers) if timings else {}
 
-    t0 = time.perf_counter()
-    executable = build.compile_module(scheduled, target)
-    stages["build"] = time.perf_counter() - t0
-    return Compiled(imported, layers, target, executable, stats, stages)
+    fp32_ms = uniform_ms = None
+    int8 = flow.uniform("W8A8")
+    if options.baselines and target.native:
+        with _stage(stages, "baselines"):
+            fp32_ms = flow.time(build.compile_module(fp32_scheduled, target))
+            int8_exe, int8_records = flow.build(flow.plan(int8, timings, ranges))
+            uniform_ms = flow.time(int8_exe)
+    layer_ms = lambda choice: sum(table[lid][name]["ms"] for lid, name in choice.items()   # noqa: E731
+                                  if name in table.get(lid, {}))
+    fixed_ms = max(uniform_ms - layer_ms(int8), 0.0) if uniform_ms is not None and table else 0.0
+
+    budget_ms, front = None, []
+    with _stage(stages, "solve"):
+        if fixed_choice is not None:
+            choice = dict(fixed_choice)
+        else:
+            problem = _problem(table, flow.layers, fixed_ms, allowed)
+            if options.latency_budget is None:     # as fast as possible at no more estimated loss than INT8
+                int8_loss = sum(table[lid][name]["loss"] for lid, name in int8.items() if name in table[lid])
+                solution = solve.fastest(problem, int8_loss, options.size_budget)
+            else:
+                reference = uniform_ms if uniform_ms is not None else fixed_ms + layer_ms(int8)
+                budget_ms = solve.parse_budget(options.latency_budget, reference)
+                solution = solve.solve(problem, budget_ms, options.size_budget)
+            choice = solution.config
+            if options.pareto > 1:
+                front = [{"ms": s.ms, "loss": s.loss, "config": s.config}
+                         for s in solve.pareto(problem, options.pareto, options.size_budget)]
+
+    with _stage(stages, "build"):
+        if options.baselines and target.native and choice == int8:
+            executable, records = int8_exe, int8_records
+        else:
+            executable, records = flow.build(flow.plan(choice, timings, ranges))
+    with _stage(stages, "time"):
+        measured = flow.time(executable) if options.baselines else None
+    notes: list[str] = []
+    if fixed_choice is None and measured is not None and uniform_ms is not None and choice != int8 \
+            and (budget_ms is None or budget_ms < uniform_ms) and measured > 1.02 * uniform_ms:
+        # The latency model is per layer; the network is what counts: never ship slower than uniform INT8
+        # when asked to be faster than it.
+        notes.append(f"the solver's configuration measured {measured:.3f} ms, slower than uniform INT8 "
+                     f"({uniform_ms:.3f} ms): uniform INT8 is shipped instead")
+        choice, executable, records, measured = int8, int8_exe, int8_records, uniform_ms
+    predicted = fixed_ms + layer_ms(choice) if table and all(n in table.get(l, {}) for l, n in choice.items()) \
+        else None
+    choices = [report.layer_choice(layer, choice[layer.id], table[layer.id]) if choice[layer.id] in table.get(
+        layer.id, {}) else report.LayerChoice(layer.id, layer.kind, choice[layer.id], math.nan, math.nan, {})
+        for layer in flow.layers]
+    objective = ("given configuration" if fixed_choice is not None else
+                 f"least estimated loss within {budget_ms:.3f} ms" if budget_ms is not None else
+                 "fastest with no more estimated loss than uniform INT8")
+    rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted, measured, uniform_ms,
+                        fp32_ms, fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
+                        f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes)
+    stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
+    return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
+
+
+def _read_config(path: Path) -> dict[str, str]:
+    try:
+        config = json.loads(Path(path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OhqError(f"--config {path}: not a readable sidecar with a \"config\" object ({e})") from None
+    for lid, name in config.items():
+        try:
+            kernels.parse_config(name)
+        except ValueError as e:
+            raise OhqError(f"--config {path}: layer {lid}: {e}") from None
+    return {str(k): str(v).upper() for k, v in config.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m ohq_tvm.compile", description=__doc__)
+    parser = ArgumentParser(prog="python -m ohq_tvm.compile", description=__doc__.split("\n\n")[0])
     common_args(parser)
     parser.add_argument("--output", "-o", type=Path, help="output .so (default: ./<model name>.so)")
+    parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
+    parser.add_argument("--latency-budget", help="a fraction of the uniform-INT8 latency (e.g. 0.75) or ms (e.g. "
+                                                 "12.5ms); default: the fastest configuration whose estimated loss "
+                                                 "is at most uniform INT8's")
+    parser.add_argument("--size-budget", type=int, help="total weight bytes of the quantizable layers")
+    parser.add_argument("--exclude", action="append", default=[], metavar="LAYER[=W8A8]",
+                        help="keep a layer at FP32 (or W8A8); repeatable")
+    parser.add_argument("--uniform", help="one candidate for every layer, e.g. W8A8; FP32 = no quantization")
+    parser.add_argument("--config", type=Path, help="per-layer choice from a sidecar (<output>.quant.json)")
+    parser.add_argument("--sensitivity", default="mqe", choices=mqe.METHODS[:3], help="estimator (default mqe)")
+    parser.add_argument("--calibration-data", type=Path, help="folder of images, .npy or .npz (default: data-free)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pareto", type=int, default=8, help="budgets swept for the report's Pareto front")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip building and timing the FP32 and uniform-INT8 modules")
+    parser.add_argument("--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: measure on its boards")
+    parser.add_argument("--rpc-key", help="device key of the boards at the tracker")
     parser.add_argument("--tune-trials", type=int, default=32,
                         help="MetaSchedule trials for each kernel missing from the tuning logs (0: no tuning)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise OhqError("--threads must be >= 1")
     if args.tune_trials < 0:
         raise OhqError("--tune-trials must be >= 0")
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise OhqError("--rpc-tracker and --rpc-key go together")
+    if args.size_budget is not None and args.size_budget <= 0:
+        raise OhqError(f"--size-budget must be positive, got {args.size_budget}")
+    try:
+        bits = tuple(sorted({int(b) for b in args.bits.split(",")}))
+    except ValueError:
+        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
+    if not set(bits) <= {1, 2, 4, 8}:
+        raise OhqError(f"--bits {args.bits!r}: supported bit-widths are 8, 4, 2, 1")
+    if args.uniform:
+        try:
+            args.uniform = kernels.parse_config(args.uniform).name
+        except ValueError as e:
+            raise OhqError(f"--uniform: {e}") from None
+    if args.latency_budget is not None:
+        solve.parse_budget(args.latency_budget, 1.0)     # reject malformed budgets before any work
     quiet_tvm_logs()
     console = Console(stderr=True)
     target = parse_target(args.target, args.threads)
+    if not target.native:
+        target.require_cross_compiler()
     output = args.output or Path(args.model.stem + ".so")
     if output.exists() and not args.force:
         raise OhqError(f"{output} exists; pass --force to overwrite it")
+    options = Options(bits=bits, latency_budget=args.latency_budget, size_budget=args.size_budget,
+                      exclude=tuple(args.exclude), uniform=args.uniform,
+                      config=_read_config(args.config) if args.config else None, sensitivity=args.sensitivity,
+                      calibration_data=args.calibration_data, seed=args.seed, tune_trials=args.tune_trials,
+                      pareto=args.pareto, baselines=not args.no_baselines,
+                      rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None)
 
     result = compile_onnx(args.model, target, input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                          work_dir=args.work_dir, tune_trials=args.tune_trials, console=console)
-    Console().print(layer_table(result.layers))
+                          work_dir=args.work_dir, options=options, console=console)
+    out = Console()
+    if result.report is None:
+        out.print(layer_table(result.layers))
+    else:
+        out.print(report.choice_table(result.report))
+        for line in report.summary_lines(result.report):
+            out.print(line)
     stats = result.tune_stats
     console.print(f"kernels: {stats.tasks}, tuned now: {stats.tuned}, from logs: {stats.tasks - stats.tuned}")
     t0 = time.perf_counter()
-    build.export(result.executable, output, target, force=args.force)
+    written = result.export(output, force=args.force, model_name=args.model.stem)
     result.stage_seconds["export"] = time.perf_counter() - t0
 
-    if target.native:
+    if target.native and result.report is None:
         from .runtime import Model
         x = np.random.default_rng(0).standard_normal(result.imported.input_shape, dtype=np.float32)
         diff = float(np.abs(Model.load(output)(x) - run_onnxruntime(args.model, x)).max())
         console.print(f"max |ours - onnxruntime| on a random input: {diff:.2e}")
-    console.print(f"wrote {output}  ({', '.join(f'{k} {v:.1f}s' for k, v in result.stage_seconds.items())})")
+    console.print(f"wrote {', '.join(map(str, written))}  "
+                  f"({', '.join(f'{k} {v:.1f}s' for k, v in result.stage_seconds.items())})")
     return 0
 
 

@@ -57,6 +57,7 @@ def _is_const(expr: relax.Expr) -> bool:
 class _Collector(PyExprVisitor):
     def __init__(self) -> None:
         self.layers: list[Layer] = []
+        self.weights: list[relax.Expr] = []       # the weight constant of each layer
         self.counts = {"conv2d": 0, "matmul": 0}
 
     def visit_call_(self, call: relax.Call) -> None:
@@ -76,14 +77,26 @@ class _Collector(PyExprVisitor):
             kind = "conv" if groups == 1 else "depthwise" if groups == x[3] == w[0] else "grouped"
             self.layers.append(Layer(lid, op, kind, x, w, out, tuple(map(int, a.strides)),
                                      tuple(map(int, a.padding)), tuple(map(int, a.dilation)), groups))
+            self.weights.append(call.args[1])
         elif len(w) == 2:
             self.layers.append(Layer(lid, op, "dense", x, w, out))
+            self.weights.append(call.args[1])
 
 
 def find_layers(mod: tvm.IRModule) -> list[Layer]:
+    return [layer for layer, _ in layer_weights(mod)]
+
+
+def layer_weights(mod: tvm.IRModule) -> list[tuple[Layer, relax.Expr]]:
+    """Each layer with its weight constant (the handle passes use to find the layer's call)."""
     collector = _Collector()
     collector.visit_expr(mod["main"])
-    return collector.layers
+    return list(zip(collector.layers, collector.weights))
+
+
+def copy_module(mod: tvm.IRModule) -> tvm.IRModule:
+    """A shallow copy: mutators' block builders edit the module they are given in place."""
+    return tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 def layer_table(layers: list[Layer]):

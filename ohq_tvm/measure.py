@@ -49,6 +49,11 @@ def candidates_for_bits(bits: Iterable[int]) -> list[Config]:
     return [c for c in CANDIDATES.values() if c.family == "fp32" or {c.wbits, c.abits} <= allowed]
 
 
+# median of 5 timings, each averaging calls over >= 10 ms
+EVALUATOR = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=10, enable_cpu_cache_flush=False)
+GIVE_UP = 1.5    # a candidate whose first setting is this much slower than the layer's fastest is not refined
+
+
 @dataclass(frozen=True)
 class Record:
     """One line of the tuning log."""
@@ -132,8 +137,7 @@ class Measurer:
         self.builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics)
         self.runner = runner or ms.runner.LocalRunner(
             timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics,
-            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=30,
-                                                       enable_cpu_cache_flush=False))
+            evaluator_config=EVALUATOR)
         self.model = ms.cost_model.XGBModel(num_warmup_samples=0)
         self.context = ms.TuneContext(target=target.tvm)
         self.guided_after = guided_after
@@ -143,11 +147,12 @@ class Measurer:
         return [ms.MeasureCandidate(s_tir.Schedule(f), ms.arg_info.ArgInfo.from_prim_func(f)) for f in funcs]
 
     def rank(self, funcs: list[tvm.tirx.PrimFunc], keep: int) -> list[int]:
-        """Indices of the `keep` settings the cost model predicts fastest (all, until it has data)."""
-        if self.seen < self.guided_after or len(funcs) <= keep:
-            return list(range(len(funcs)))
+        """Indices of the `keep` settings the cost model predicts fastest, best first (until it has seen
+        enough timings: the first `keep`, in the template's order, widest register tile first)."""
+        if self.seen < self.guided_after or len(funcs) <= 1:
+            return list(range(min(keep, len(funcs))))
         scores = self.model.predict(self.context, self._candidates(funcs))
-        return sorted(np.argsort(-np.asarray(scores))[:keep].tolist())
+        return np.argsort(-np.asarray(scores), kind="stable")[:keep].tolist()
 
     def time(self, funcs: list[tvm.tirx.PrimFunc]) -> list[float | None]:
         funcs = [f.with_attr("global_symbol", "main") for f in funcs]
@@ -171,8 +176,14 @@ class Measurer:
         return times
 
 
-def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, keep: int = 3) -> Record:
-    """Best knob setting of `layer`'s kernel at `config`; resumes from the log, logs every timing."""
+def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, keep: int = 3,
+           give_up_ms: float | None = None) -> Record:
+    """Best knob setting of `layer`'s kernel at `config`; resumes from the log, logs every timing.
+
+    The most promising setting is timed first; if it is slower than `give_up_ms` (a multiple of the
+    fastest candidate measured for the layer), the others are not built: a candidate slower than one
+    that is also more accurate is never chosen.
+    """
     key, target = workload_key(layer), measurer.target
     done = log.lookup(key, config.name)
     final = next((r for r in done if r.final), None)
@@ -192,10 +203,14 @@ def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, kee
             except Exception as e:   # a setting the schedule rejects is recorded, not fatal
                 log.append(new([knobs.tile_w, knobs.tile_o], None, error=str(e).splitlines()[-1][:200]))
         picked = measurer.rank(funcs, keep) if funcs else []
-        for i, ms_ in zip(picked, measurer.time([funcs[i] for i in picked])):
-            knobs = [built[i].tile_w, built[i].tile_o]
-            measured[tuple(knobs)] = ms_
-            log.append(new(knobs, ms_))
+        for batch in (picked[:1], picked[1:]):
+            for i, ms_ in zip(batch, measurer.time([funcs[i] for i in batch]) if batch else []):
+                knobs = [built[i].tile_w, built[i].tile_o]
+                measured[tuple(knobs)] = ms_
+                log.append(new(knobs, ms_))
+            probe = min((v for v in measured.values() if v is not None), default=None)
+            if give_up_ms is not None and probe is not None and probe > give_up_ms:
+                break
     timed = {k: v for k, v in measured.items() if v is not None}
     best = min(timed, key=timed.get) if timed else None
     record = new(list(best) if best else None, timed[best] if best else None, final=True,
@@ -251,7 +266,9 @@ def measure_model(layers: list[Layer], fp32_kernels: list[tvm.tirx.PrimFunc] | N
             if kernels.family(layer, config) is None:
                 timing.ms[config.name] = None
                 continue
-            record = search(layer, config, measurer, log)
+            known = [v for k, v in timing.ms.items() if v is not None]
+            give_up = GIVE_UP * min(known) if known and config.name != "W8A8" else None
+            record = search(layer, config, measurer, log, give_up_ms=give_up)
             timing.ms[config.name], timing.knobs[config.name] = record.ms, record.knobs
         by_workload[key] = timing
         timings.append(timing)
@@ -292,13 +309,13 @@ def measurement_table(result: Measurement, configs: list[Config]):
     return table
 
 
-def _rpc_runner(tracker: str, key: str, timeout_sec: float) -> ms.runner.RPCRunner:
+def rpc_runner(tracker: str, key: str, timeout_sec: float) -> ms.runner.RPCRunner:
     host, _, port = tracker.rpartition(":")
     if not host or not port.isdigit():
         raise OhqError(f"--rpc-tracker {tracker!r}: expected HOST:PORT")
     return ms.runner.RPCRunner(
         ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key, session_timeout_sec=timeout_sec),
-        evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=30, enable_cpu_cache_flush=False),
+        evaluator_config=EVALUATOR,
         initializer=skip_gpu_intrinsics)
 
 
@@ -334,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
     layers = find_layers(imported.mod)
     configs = candidates_for_bits(bits)
-    runner = _rpc_runner(args.rpc_tracker, args.rpc_key, 60) if args.rpc_tracker else None
+    runner = rpc_runner(args.rpc_tracker, args.rpc_key, 60) if args.rpc_tracker else None
     if not target.native and runner is None:
         raise OhqError(f"{target.key} is not this CPU: measuring it needs --rpc-tracker and --rpc-key")
 

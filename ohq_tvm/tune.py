@@ -64,7 +64,7 @@ def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: i
          seed: int = 0) -> TuneStats:
     """Tune the PrimFuncs of `fused` that the database has no record for."""
     skip_gpu_intrinsics()
-    tasks = ms.relax_integration.extract_tasks(fused, target.tvm)
+    tasks = _tasks(fused, target)
     db = _database(work_dir, target)
     missing = _missing(tasks, db)
     if missing and trials_per_task > 0 and target.native:
@@ -96,14 +96,19 @@ def prune(path: Path, keep: int = 2) -> None:
     os.replace(tmp, records_file)
 
 
+def _tasks(fused: tvm.IRModule, target: Target) -> list:
+    """MetaSchedule tasks, without the kernels that come scheduled (the integer kernels)."""
+    return [t for t in ms.relax_integration.extract_tasks(fused, target.tvm)
+            if not any(f.attrs and f.attrs.get("tir.is_scheduled") for f in t.dispatched[0].functions.values())]
+
+
 def _missing(tasks: list, db: ms.database.Database) -> list:
     return [t for t in tasks if not db.has_workload(t.dispatched[0])]
 
 
 def missing_tasks(fused: tvm.IRModule, target: Target, work_dir: Path) -> list[str]:
     """Names of the kernels of `fused` that have no tuning record."""
-    tasks = ms.relax_integration.extract_tasks(fused, target.tvm)
-    return [t.task_name for t in _missing(tasks, _database(work_dir, target))]
+    return [t.task_name for t in _missing(_tasks(fused, target), _database(work_dir, target))]
 
 
 def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:

@@ -39,6 +39,15 @@ def test_search_logs_every_timing_and_resumes(tmp_path):
     assert again.measurements == 0 and again.builds == 0
 
 
+def test_a_hopeless_candidate_is_timed_once_not_refined(tmp_path):
+    layer = Layer("conv2d0", "conv2d", "conv", (1, 8, 8, 32), (64, 3, 3, 32), (1, 8, 8, 64), (1, 1), (1, 1, 1, 1))
+    config = kernels.parse_config("W2A2")
+    assert len(kernels.knob_space(layer, config, kernels.isa_of(TARGET.tvm))) > 1
+    measurer = Measurer(TARGET)
+    record = search(layer, config, measurer, TuningLog(tmp_path / "oqa.jsonl", TARGET), give_up_ms=1e-6)
+    assert record.final and record.ms > 1e-6 and measurer.measurements == measurer.builds == 1
+
+
 def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path):
     path = tmp_path / "oqa.jsonl"
     search(LAYER, kernels.parse_config("W2A2"), Measurer(TARGET), TuningLog(path, TARGET))
@@ -99,8 +108,8 @@ def test_measure_through_rpc_tracker_on_localhost(tmp_path):
                                    "--key", "ohq-test", "--host", "127.0.0.1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(3)
-        from ohq_tvm.measure import _rpc_runner
-        measurer = Measurer(TARGET, _rpc_runner(f"127.0.0.1:{port}", "ohq-test", 60))
+        from ohq_tvm.measure import rpc_runner
+        measurer = Measurer(TARGET, rpc_runner(f"127.0.0.1:{port}", "ohq-test", 60))
         record = search(LAYER, kernels.parse_config("W8A8"), measurer, TuningLog(tmp_path / "rpc.jsonl", TARGET))
         assert record.final and record.ms is not None and record.ms > 0
         assert measurer.measurements >= 1

@@ -1,0 +1,514 @@
+"""MQE: data-free sensitivity of every quantizable layer at every bit-width candidate.
+
+1. Synthetic inputs. If the ONNX model still carries BatchNormalization nodes, inputs are distilled
+   (ZeroQ): starting from noise, Adam descends sum_k |mean_k - mu_k|^2 + |std_k - sigma_k|^2 over the
+   per-channel batch statistics of every BN input, gradients from `relax.transform.Gradient`.
+   Otherwise: smooth Gaussian noise with the mean and spread of the model's input range.
+   `calibration_data` (a folder of images, an .npy/.npz array) replaces both.
+2. Ranges. The range of each layer's input activation is its [0.01, 99.99] percentile over all
+   values of the calibration batch (min and max clipped at those percentiles; 0 stays inside, see
+   `ActQuant.from_range`). Weights are quantized per output channel exactly as the kernels do.
+3. The mask. One compiled fake-quant simulation of the network: every quantizable layer's weight is
+   a runtime parameter (FP32, or its quantized-dequantized copy) and its input passes through
+   x + e * (dequant(quant(x)) - x) with (1/scale, zero point, qmax, e, scale) a row of a runtime
+   matrix. Every layer x candidate evaluation reuses this one MetaSchedule-scheduled build.
+   s(layer, candidate) = mean over the batch of KL(softmax FP32 logits || softmax masked logits).
+
+Estimators (`--sensitivity`): mqe (above); weight-error (Hessian-free HAWQ: relative squared
+quantization error of the weights plus that of the layer's calibration input, no network run);
+output-mse (mean squared error of the masked logits, same runs as mqe); accuracy (top-1 drop on
+labelled data, same simulation).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import tvm
+from onnx import numpy_helper
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from . import build, kernels, tune
+from .errors import OhqError
+from .evaluate import kl_divergence
+from .frontend import Imported
+from .kernels import ActQuant, Config, quantize_weights
+from .layers import QUANTIZABLE, Layer, copy_module
+from .target import Target
+
+METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
+CLIP_PERCENTILE = 0.01          # activation ranges: [p, 100 - p] percentiles of the layer input
+
+
+@dataclass(frozen=True)
+class Calibration:
+    ranges: dict[str, tuple[float, float]]   # layer id -> (lo, hi) of the layer's input activation, clipped
+    source: str                              # "distilled" | "noise" | "data"
+
+
+@dataclass
+class Sensitivity:
+    method: str
+    scores: dict[str, dict[str, float]]      # layer id -> candidate name -> score; FP32 0; no kernel: absent
+    calibration: Calibration
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)   # inputs, build, ranges, scores (s)
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "source": self.calibration.source, "seconds": round(self.seconds, 3),
+                "stages": {k: round(v, 3) for k, v in self.stages.items()},
+                "ranges": {k: list(v) for k, v in self.calibration.ranges.items()}, "scores": self.scores}
+
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Sensitivity":
+        ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in d["ranges"].items()}
+        return cls(d["method"], d["scores"], Calibration(ranges, d["source"]), d["seconds"], d.get("stages", {}))
+
+
+def cache_key(model: str | Path, configs: list[Config], method: str, samples: int, seed: int,
+              calibration_data: str | Path | None, reduce_range: bool) -> str:
+    """Everything a Sensitivity depends on: the model's bytes, the candidates, the estimator and its inputs."""
+    import hashlib
+    h = hashlib.sha256(Path(model).read_bytes())
+    h.update(repr((sorted(c.name for c in configs), method, samples, seed, reduce_range, CLIP_PERCENTILE)).encode())
+    if calibration_data is not None:
+        path = Path(calibration_data)
+        for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if f.is_file():
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic and user calibration inputs
+
+def noise_inputs(shape: tuple[int, ...], samples: int, seed: int = 0,
+                 input_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """Spatially smooth Gaussian noise centred in `input_range`, std a quarter of its width, clipped to it."""
+    rng = np.random.default_rng(seed)
+    lo, hi = input_range
+    x = rng.standard_normal((samples, *shape[1:])).astype(np.float32)
+    if len(shape) == 4:   # natural images are low-pass: blur with a separable [1 4 6 4 1] kernel, twice
+        k = np.array([1, 4, 6, 4, 1], np.float32) / 16
+        for _ in range(2):
+            for axis in (2, 3):
+                x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), axis, x)
+        x /= x.std(axis=(1, 2, 3), keepdims=True) + 1e-8
+    return np.clip((lo + hi) / 2 + x * (hi - lo) / 4, lo, hi).astype(np.float32)
+
+
+def load_calibration_data(source: str | Path | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An array [N, *shape[1:]], an .npy/.npz file (key x) or a folder of images -> float32 [N, *shape[1:]]."""
+    if isinstance(source, np.ndarray):
+        x = source
+    else:
+        path = Path(source)
+        if path.is_dir():
+            x = _images(path, shape)
+        elif path.suffix == ".npy" and path.is_file():
+            x = np.load(path)
+        elif path.suffix == ".npz" and path.is_file():
+            with np.load(path) as archive:
+                x = archive["x"] if "x" in archive else archive[archive.files[0]]
+        else:
+            raise OhqError(f"--calibration-data {path}: expected a folder of images, an .npy or an .npz file")
+    x = np.asarray(x, np.float32)
+    if x.shape[1:] != tuple(shape[1:]) and x.size % int(np.prod(shape[1:])) == 0 and x.ndim == len(shape) - 1:
+        x = x.reshape(-1, *shape[1:])     # e.g. [N, 28, 28] for a [1, 1, 28, 28] input
+    if x.ndim != len(shape) or x.shape[1:] != tuple(shape[1:]) or len(x) == 0:
+        raise OhqError(f"calibration data of shape {list(x.shape)} does not fit the model input {list(shape)}")
+    return np.ascontiguousarray(x)
+
+
+def _images(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
+    from PIL import Image
+    from .data import imagenet_preprocess
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    if not files:
+        raise OhqError(f"--calibration-data {folder}: no .png/.jpg images in the folder")
+    if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3]:
+        raise OhqError(f"--calibration-data {folder}: image folders need a square RGB input, not {list(shape)}")
+    return np.stack([imagenet_preprocess(np.asarray(Image.open(p).convert("RGB")), shape[2]) for p in files])
+
+
+def bn_statistics(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(BN input tensor, running mean, running std) of every BatchNormalization node of the ONNX graph."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stats = []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization" or not all(n in inits for n in node.input[3:5]):
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        stats.append((node.input[0], inits[node.input[3]].astype(np.float32),
+                      np.sqrt(inits[node.input[4]].astype(np.float32) + eps)))
+    return stats
+
+
+def distill(model_path: str | Path, shape: tuple[int, ...], samples: int, seed: int = 0, steps: int = 200,
+            lr: float = 0.1) -> np.ndarray:
+    """ZeroQ: inputs whose per-channel batch statistics at every BN input match the BN's running ones."""
+    model = onnx.load(str(model_path))
+    stats = bn_statistics(model)
+    if not stats:
+        raise OhqError(f"{model_path}: no BatchNormalization statistics to distill inputs from")
+    step = _distill_step(model, stats, (samples, *shape[1:]))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, *shape[1:])).astype(np.float32)
+    m, v = np.zeros_like(x), np.zeros_like(x)
+    for t in range(1, steps + 1):       # Adam
+        _, grad = step(x)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
+        x -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    return x.astype(np.float32)
+
+
+def _distill_step(model: onnx.ModelProto, stats, shape: tuple[int, ...]):
+    """Compiled (loss, d loss / d x) of the BN-statistics loss on an NCHW import (Gradient needs NCHW)."""
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.relax.training.utils import AppendLoss
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    del model.graph.output[:]
+    for name, *_ in stats:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = from_onnx(model, shape_dict={inp.name: list(shape)}, keep_params_in_input=True)
+    mod, params = relax.frontend.detach_params(mod)
+    names = [v.name for v in mod["main"].params[1:]]
+    mod = relax.transform.BindParams("main", dict(zip(names, params.get("main", []))))(mod)
+    mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant(),
+                                    relax.transform.DeadCodeElimination()])(mod)
+    ret_ty = mod["main"].ret_ty
+    bb = relax.BlockBuilder()
+    outs = relax.Var("bn_inputs", ret_ty)
+    with bb.function("loss", [outs]):
+        with bb.dataflow():
+            total = None
+            for i, (_, mean, std) in enumerate(stats):
+                y = bb.emit(relax.TupleGetItem(outs, i))
+                mu = relax.op.mean(y, axis=[0, 2, 3])
+                var = relax.op.subtract(relax.op.mean(relax.op.multiply(y, y), axis=[0, 2, 3]),
+                                        relax.op.multiply(mu, mu))
+                sd = relax.op.sqrt(relax.op.add(relax.op.nn.relu(var), relax.const(1e-6)))
+                # relative to the running std, so wide and narrow layers weigh alike
+                dm = relax.op.divide(relax.op.subtract(mu, relax.const(mean)), relax.const(std))
+                ds = relax.op.divide(relax.op.subtract(sd, relax.const(std)), relax.const(std))
+                term = relax.op.add(relax.op.mean(relax.op.multiply(dm, dm)), relax.op.mean(relax.op.multiply(ds, ds)))
+                total = term if total is None else relax.op.add(total, term)
+            out = bb.emit_output(total)
+        bb.emit_func_output(out)
+    mod = AppendLoss("main", bb.get()["loss"])(mod)
+    mod = relax.transform.Gradient("main_loss", require_grads=mod["main_loss"].params[0])(mod)
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    adjoint = vm["main_loss_adjoint"]
+
+    def step(x: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, (grad,) = adjoint(tvm.runtime.tensor(x))
+        return float(loss.numpy()), grad.numpy()
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked fake-quant simulation
+
+ACT_COLUMNS = 5   # inv_scale, zero point, qmax, enabled, scale
+
+
+@mutator
+class _Masker(PyExprMutator):
+    """conv2d/matmul(x, W const) -> conv2d/matmul(fake_quant(x, aq[i]), w_i param); collects layer inputs."""
+
+    def __init__(self, mod: tvm.IRModule, ids: list[str], aq: relax.Var) -> None:
+        super().__init__(mod)
+        self.ids, self.aq = ids, aq
+        self.counts = {"conv2d": 0, "matmul": 0}
+        self.weights: dict[str, relax.Var] = {}
+        self.constants: dict[str, np.ndarray] = {}
+        self.inputs: dict[str, relax.Expr] = {}
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name in QUANTIZABLE
+                and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
+            return call
+        op = call.op.name.split(".")[-1]
+        lid = f"{op}{self.counts[op]}"     # numbered exactly as layers.find_layers numbers them
+        self.counts[op] += 1
+        if lid not in self.ids:
+            return call
+        index = self.ids.index(lid)
+        x = call.args[0]
+        self.inputs[lid] = x
+        self.constants[lid] = call.args[1].value.numpy()
+        self.weights[lid] = relax.Var(f"w_{lid}", call.args[1].ty)
+        row = [self.builder_.emit(relax.op.strided_slice(self.aq, [0, 1], [index, j], [index + 1, j + 1]))
+               for j in range(ACT_COLUMNS)]
+        return relax.Call(call.op, [self.builder_.emit(_fake_quant(x, *row)), self.weights[lid]], call.attrs)
+
+
+def _fake_quant(x, inv_scale, zero_point, qmax, enabled, scale) -> relax.Expr:
+    """x + e * ((clip(round(x * inv_scale) + z, 0, qmax) - z) * scale - x): the kernels' input quantizer."""
+    op = relax.op
+    q = op.maximum(op.minimum(op.add(op.round(op.multiply(x, inv_scale)), zero_point), qmax), relax.const(0.0))
+    return op.add(x, op.multiply(enabled, op.subtract(op.multiply(op.subtract(q, zero_point), scale), x)))
+
+
+def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
+    """main(x, aq [L, 5], w_0 .. w_{L-1}) -> (logits, (input of layer 0, ..)); and the FP32 weights."""
+    ids = [layer.id for layer in layers]
+    aq = relax.Var("aq", relax.TensorType((len(ids), ACT_COLUMNS), "float32"))
+    masker = _Masker(copy_module(mod), ids, aq)
+    main = masker.visit_expr(mod["main"])
+    missing = [i for i in ids if i not in masker.weights]
+    if missing:
+        raise OhqError(f"layers {', '.join(missing)} not found in the module")
+    # return the layer inputs too (calibration ranges): one more binding in the dataflow block
+    *blocks, last = main.body.blocks
+    inputs = relax.Tuple([masker.inputs[i] for i in ids])
+    out = relax.Var("mqe_out", relax.TupleType([main.body.body.ty, inputs.ty]))
+    last = relax.DataflowBlock(list(last.bindings) + [relax.VarBinding(out, relax.Tuple([main.body.body, inputs]))])
+    params = [main.params[0], aq] + [masker.weights[i] for i in ids]
+    func = relax.Function(params, relax.SeqExpr([*blocks, last], out), out.ty)
+    func = func.with_attrs({"num_input": len(params), "global_symbol": "main"})
+    new = masker.builder_.get()
+    new["main"] = func
+    new = relax.transform.CanonicalizeBindings()(new)
+    return relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}
+
+
+class Simulation:
+    """The compiled masked network: run(x, aq, weights) -> (logits, layer inputs)."""
+
+    def __init__(self, imported: Imported, layers: list[Layer], target: Target, work_dir: str | Path,
+                 tune_trials: int = 16) -> None:
+        t0 = time.perf_counter()
+        mod, self.fp32_weights = masked_module(imported.mod, layers)
+        fused = tune.fuse(mod, target)
+        self.tune_stats = tune.tune(fused, target, Path(work_dir), tune_trials)
+        self.tune_seconds = time.perf_counter() - t0
+        scheduled = tune.apply(fused, target, Path(work_dir))
+        self.vm = relax.VirtualMachine(build.compile_module(scheduled, target), tvm.cpu())
+        self.main = self.vm["main"]
+        self.layers = layers
+        self.fp32_args = [tvm.runtime.tensor(self.fp32_weights[layer.id]) for layer in layers]
+        self.build_seconds = time.perf_counter() - t0
+
+    def idle_mask(self) -> np.ndarray:
+        row = np.array([1.0, 0.0, 2.0 ** 24, 0.0, 1.0], np.float32)
+        return np.tile(row, (len(self.layers), 1))
+
+    def _args(self, aq: np.ndarray | None, weights: dict[int, tvm.runtime.Tensor] | None) -> list:
+        args = [tvm.runtime.tensor(self.idle_mask() if aq is None else aq), *self.fp32_args]
+        for index, w in (weights or {}).items():
+            args[1 + index] = w
+        return args
+
+    def run(self, x: np.ndarray, aq: np.ndarray | None = None, weights: dict[int, tvm.runtime.Tensor] | None = None
+            ) -> tuple[np.ndarray, list]:
+        """Logits [N, classes] and, per sample, the inputs of the layers (batch-1 calls over x's leading axis)."""
+        args = self._args(aq, weights)
+        outs = [self.main(tvm.runtime.tensor(np.ascontiguousarray(sample[None])), *args) for sample in x]
+        return np.concatenate([out[0].numpy() for out in outs]), [out[1] for out in outs]
+
+    def logits(self, x: np.ndarray, aq: np.ndarray, weights: dict[int, tvm.runtime.Tensor]) -> np.ndarray:
+        args = self._args(aq, weights)
+        return np.concatenate([self.main(tvm.runtime.tensor(np.ascontiguousarray(s[None])), *args)[0].numpy()
+                               for s in x])
+
+
+def _ohwi(layer: Layer, w: np.ndarray) -> np.ndarray:
+    return w.T.reshape(w.shape[1], 1, 1, w.shape[0]) if layer.op == "matmul" else w
+
+
+def fake_quant_weight(layer: Layer, config: Config, weight: np.ndarray, reduce_range: bool) -> np.ndarray:
+    """The weight as the kernel of `config` sees it: per-channel codes x scales, in the graph's layout."""
+    rr = reduce_range and kernels.family(layer, config) == "dot"
+    codes, scale = quantize_weights(_ohwi(layer, weight), config.wbits, reduce_range=rr)
+    deq = codes.astype(np.float32) * scale.reshape(-1, *[1] * (codes.ndim - 1))
+    return (deq.reshape(deq.shape[0], -1).T if layer.op == "matmul" else deq).astype(np.float32)
+
+
+def act_row(lo: float, hi: float, bits: int) -> np.ndarray:
+    act = ActQuant.from_range(lo, hi, bits)
+    return np.array([act.inv_scale, act.zero_point, 2 ** bits - 1, 1.0, act.scale], np.float32)
+
+
+def ranges_of(layers: list[Layer], inputs: list, percentile: float = CLIP_PERCENTILE) -> dict[str, tuple[float, float]]:
+    """Per layer: [p, 100 - p] percentiles of its input values over the batch (the clipping rule)."""
+    ranges = {}
+    for i, layer in enumerate(layers):
+        values = np.concatenate([sample[i].numpy().ravel() for sample in inputs])
+        lo, hi = np.percentile(values, [percentile, 100 - percentile])
+        ranges[layer.id] = (float(lo), float(hi))
+    return ranges
+
+
+def available(layer: Layer, configs: list[Config]) -> list[Config]:
+    """Integer candidates that have a kernel for `layer` (depthwise/grouped: 8-bit activations only)."""
+    return [c for c in configs if c.family != "fp32" and kernels.family(layer, c) is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _relative_error(x: np.ndarray, xq: np.ndarray) -> float:
+    return float(np.sum((xq - x) ** 2) / max(np.sum(x.astype(np.float64) ** 2), 1e-30))
+
+
+def weight_error_scores(sim_weights: dict[str, np.ndarray], layers: list[Layer], configs: list[Config],
+                        ranges: dict[str, tuple[float, float]], inputs: list, reduce_range: bool
+                        ) -> dict[str, dict[str, float]]:
+    """Hessian-free HAWQ: |Q(W) - W|^2 / |W|^2 + |Q(a) - a|^2 / |a|^2 on the calibration inputs a."""
+    scores = {}
+    for i, layer in enumerate(layers):
+        w = sim_weights[layer.id]
+        a = np.concatenate([sample[i].numpy().ravel() for sample in inputs])
+        act_error: dict[int, float] = {}
+        scores[layer.id] = {"FP32": 0.0}
+        for config in available(layer, configs):
+            if config.abits not in act_error:
+                act = ActQuant.from_range(*ranges[layer.id], config.abits)
+                act_error[config.abits] = _relative_error(a, act.dequantize(act.quantize(a)))
+            wq = fake_quant_weight(layer, config, w, reduce_range)
+            scores[layer.id][config.name] = _relative_error(w, wq) + act_error[config.abits]
+    return scores
+
+
+def masked_scores(sim: Simulation, layers: list[Layer], configs: list[Config], ranges: dict[str, tuple[float, float]],
+                  x: np.ndarray, metric, reduce_range: bool) -> dict[str, dict[str, float]]:
+    """metric(masked logits) for each layer x candidate, quantizing that layer alone."""
+    idle = sim.idle_mask()
+    scores = {}
+    for i, layer in enumerate(layers):
+        scores[layer.id] = {"FP32": 0.0}
+        for config in available(layer, configs):
+            aq = idle.copy()
+            aq[i] = act_row(*ranges[layer.id], config.abits)
+            w = tvm.runtime.tensor(fake_quant_weight(layer, config, sim.fp32_weights[layer.id], reduce_range))
+            scores[layer.id][config.name] = metric(sim.logits(x, aq, {i: w}))
+    return scores
+
+
+def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs: list[Config], target: Target, *,
+             method: str = "mqe", calibration_data: str | Path | np.ndarray | None = None, samples: int = 8,
+             seed: int = 0, work_dir: str | Path = "tuning_logs", tune_trials: int = 16,
+             labels: np.ndarray | None = None, calibration: Calibration | None = None,
+             distill_steps: int = 200, simulation: Simulation | None = None) -> Sensitivity:
+    """Scores of every (layer, candidate) by `method`; `calibration` reuses given ranges (e.g. distilled ones)."""
+    if method not in METHODS:
+        raise OhqError(f"unknown --sensitivity {method!r}; choose from {', '.join(METHODS)}")
+    if method == "accuracy" and (calibration_data is None or labels is None):
+        raise OhqError("--sensitivity accuracy needs labelled --calibration-data (an .npz with x and y)")
+    t0 = time.perf_counter()
+    stages = {}
+    x, source = calibration_inputs(model, imported.input_shape, calibration_data, samples, seed, distill_steps)
+    stages["inputs"] = time.perf_counter() - t0
+    sim = simulation or Simulation(imported, layers, target, work_dir, tune_trials)
+    stages["build"] = 0.0 if simulation else sim.build_seconds
+    t1 = time.perf_counter()
+    ref, inputs = sim.run(x)
+    if calibration is None:
+        calibration = Calibration(ranges_of(layers, inputs), source)
+    stages["ranges"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    reduce_range = kernels.isa_of(target.tvm).reduce_range
+    if method == "weight-error":
+        scores = weight_error_scores(sim.fp32_weights, layers, configs, calibration.ranges, inputs, reduce_range)
+    else:
+        metric = {"mqe": lambda z: float(kl_divergence(ref, z).mean()),
+                  "output-mse": lambda z: float(np.mean((z - ref) ** 2)),
+                  "accuracy": lambda z: float((ref.argmax(-1) == labels).mean() - (z.argmax(-1) == labels).mean()),
+                  }[method]
+        scores = masked_scores(sim, layers, configs, calibration.ranges, x, metric, reduce_range)
+    stages["scores"] = time.perf_counter() - t1
+    return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages)
+
+
+def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
+                       distill_steps: int = 200) -> tuple[np.ndarray, str]:
+    if data is not None:
+        return load_calibration_data(data, shape), "data"
+    if bn_statistics(onnx.load(str(model), load_external_data=False)):
+        return distill(model, shape, samples, seed, distill_steps), "distilled"
+    return noise_inputs(shape, samples, seed), "noise"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def score_table(result: Sensitivity, layers: list[Layer], configs: list[Config]):
+    from rich.table import Table
+    table = Table(title=f"{result.method} sensitivity ({result.calibration.source} inputs, {result.seconds:.1f} s); "
+                        "- = no integer kernel")
+    table.add_column("layer")
+    table.add_column("kind")
+    table.add_column("input range", justify="right")
+    for config in configs:
+        table.add_column(config.name, justify="right")
+    for layer in layers:
+        row = result.scores[layer.id]
+        lo, hi = result.calibration.ranges[layer.id]
+        table.add_row(layer.id, layer.kind, f"[{lo:.3g}, {hi:.3g}]",
+                      *("-" if c.name not in row else f"{row[c.name]:.3g}" for c in configs))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from rich.console import Console
+
+    from .cli import ArgumentParser, common_args, quiet_tvm_logs
+    from .frontend import load_onnx, parse_shape
+    from .layers import find_layers
+    from .measure import candidates_for_bits
+    from .target import parse_target
+
+    parser = ArgumentParser(prog="python -m ohq_tvm.mqe", description=__doc__.split("\n\n")[0])
+    common_args(parser)
+    parser.add_argument("--sensitivity", default="mqe", choices=METHODS, help="estimator (default mqe)")
+    parser.add_argument("--calibration-data", type=Path,
+                        help="folder of images, .npy, or .npz with x (and y: labels, for --sensitivity accuracy)")
+    parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
+    parser.add_argument("--samples", type=int, default=8, help="synthetic inputs (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tune-trials", type=int, default=16, help="MetaSchedule trials per missing kernel")
+    parser.add_argument("--json", type=Path, help="write the scores as JSON")
+    args = parser.parse_args(argv)
+    try:
+        bits = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
+    if args.samples < 1:
+        raise OhqError("--samples must be >= 1")
+    quiet_tvm_logs()
+    target = parse_target(args.target, args.threads)
+    imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
+    layers = find_layers(imported.mod)
+    configs = candidates_for_bits(bits)
+    data, labels = args.calibration_data, None
+    if data is not None and data.suffix == ".npz" and data.is_file():
+        with np.load(data) as archive:
+            if "y" in archive:
+                labels = archive["y"].astype(np.int64)
+    console = Console(stderr=True)
+    with console.status(f"{args.sensitivity}: {len(layers)} layers x {len(configs)} candidates"):
+        result = estimate(args.model, imported, layers, configs, target, method=args.sensitivity,
+                          calibration_data=data, samples=args.samples, seed=args.seed, work_dir=args.work_dir,
+                          tune_trials=args.tune_trials, labels=labels)
+    Console().print(score_table(result, layers, configs))
+    console.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.stages.items()))
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+    run_cli(main)

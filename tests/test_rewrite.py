@@ -1,0 +1,67 @@
+"""The QuantizeLayers pass: planned layers become their integer kernels, epilogues absorbed, the rest untouched."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from ohq_tvm import kernels
+from ohq_tvm.frontend import load_onnx
+from ohq_tvm.layers import find_layers
+from ohq_tvm.rewrite import LayerPlan, QuantizeLayers
+from ohq_tvm.target import parse_target
+from conftest import FMNIST, layer_module
+
+TARGET = parse_target("llvm")
+ISA = kernels.isa_of(TARGET.tvm)
+
+
+def conv_block(kind: str, rng, clamp: str):
+    """clamp(conv2d/matmul(x, W) + b) * 0.5: the multiply is an FP32 op that must stay FP32."""
+    mod, w, b = layer_module(kind, rng, channels=24, size=11, clamp=clamp, tail=True)
+    return mod, w, b, (0.0, np.inf) if clamp == "relu" else (0.0, 6.0)
+
+
+def run(mod, x):
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET.tvm), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+@pytest.mark.parametrize("kind,name", [("conv", "W8A8"), ("conv", "W4A8"), ("conv", "W2A2"), ("conv", "W1A1"),
+                                       ("depthwise", "W8A8"), ("dense", "W4A8"), ("dense", "W1A2")])
+def test_rewritten_layer_is_its_kernel(kind, name):
+    rng = np.random.default_rng(3)
+    mod, w, b, clamp = conv_block(kind, rng, "relu" if name != "W4A8" else "relu6")
+    [layer] = find_layers(mod)
+    config = kernels.parse_config(name)
+    knobs = kernels.knob_space(layer, config, ISA)[-1]
+    act_range = (-1.0, 3.0)
+    rewrite = QuantizeLayers({layer.id: LayerPlan(config, knobs, act_range)}, TARGET.tvm)
+    quantized = rewrite(mod)
+    ops = [b.value.op.name for blk in quantized["main"].body.blocks for b in blk.bindings
+           if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    assert ops == ["relax.call_tir", "relax.multiply"]      # conv, bias and clamp are one kernel call
+    [record] = rewrite.records
+    assert record["config"] == name and record["epilogue"][0] == "add" and record["clamp"] == list(clamp)
+
+    x = rng.uniform(-1.5, 3.5, layer.input_shape).astype(np.float32)
+    packed = kernels.pack(layer, config, knobs, ISA, w, b, kernels.ActQuant.from_range(*act_range, config.abits),
+                          clamp)
+    expected = 0.5 * kernels.simulate(layer, packed, x)
+    np.testing.assert_allclose(run(quantized, x), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(run(mod, x) - expected).max() > 1e-3     # and it is really quantized
+
+
+def test_unplanned_layers_stay_and_the_input_module_is_untouched():
+    imported = load_onnx(FMNIST)
+    layers = find_layers(imported.mod)
+    before = imported.mod["main"]
+    config = kernels.parse_config("W8A8")
+    plan = {l.id: LayerPlan(config, kernels.knob_space(l, config, ISA)[0], (0.0, 4.0)) for l in layers[1:3]}
+    rewrite = QuantizeLayers(plan)
+    with TARGET.tvm:
+        quantized = rewrite(imported.mod)
+    assert imported.mod["main"].same_as(before)
+    assert [l.weight_shape for l in find_layers(quantized)] == [l.weight_shape for l in layers if l.id not in plan] and \
+        [r["layer"] for r in rewrite.records] == sorted(plan)
+    with pytest.raises(Exception, match="conv2d99"):
+        QuantizeLayers({"conv2d99": plan[layers[1].id]}, TARGET.tvm)(imported.mod)
