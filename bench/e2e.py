@@ -140,7 +140,7 @@ def markdown(rows: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        systems = list(dict.fromkeys(r["system"] for r in mine))
+        systems = list(dict.fromkeys(r["system"] for r in mine if r["metric"] == "latency_ms"))
         acc = sorted({r["metric"] for r in mine} - {"latency_ms", "compile_seconds", "config", "error"})
         lat = {(r["system"], r["threads"]): r["median_ms"] for r in mine if r["metric"] == "latency_ms"}
         val = {(r["system"], r["metric"]): r["value"] for r in mine if r["metric"] in acc}

@@ -38,6 +38,7 @@ def interleaved(timers: dict[str, Callable[[], float]], rounds: int = 7) -> dict
     runs: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
+            time.sleep(0.05)    # let the previous system's spinning worker threads park before the next
             runs[name].append(timer())
     return {name: statistics.median(values) for name, values in runs.items()}
 

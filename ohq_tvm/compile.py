@@ -86,17 +86,21 @@ def _stage(stages: dict[str, float], name: str):
     stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _time_ms(executable, shape: tuple[int, ...], threads: int) -> float:
-    """Latency of the deployable library: exported, loaded and run like a user's (running the executable
-    in place would also make a later export of it warn)."""
+def _time_ms(executables: list, shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:
+    """Median latency of each deployable library, timed in interleaved rounds (machine noise hits all
+    alike): exported, loaded and run like a user's (running the executable in place would also make a
+    later export of it warn)."""
     import tempfile
     from .runtime import Model, set_threads
     set_threads(threads)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        executable.export_library(f"{tmp}/m.so")
-        model = Model.load(f"{tmp}/m.so")
-        return min(model.time_ms(x, min_seconds=0.3) for _ in range(3))
+        models = []
+        for i, executable in enumerate(executables):
+            executable.export_library(f"{tmp}/m{i}.so")
+            models.append(Model.load(f"{tmp}/m{i}.so"))
+        runs = [[m.time_ms(x, min_seconds=0.2) for m in models] for _ in range(rounds)]
+    return [float(np.median(column)) for column in zip(*runs)]
 
 
 def parse_exclude(items: tuple[str, ...], layers: list[Layer]) -> dict[str, frozenset[str]]:
@@ -191,8 +195,10 @@ class Flow:
         executable = build.compile_module(self.schedule(mod), self.target)
         return executable, rewrite.records
 
-    def time(self, executable) -> float | None:
-        return _time_ms(executable, self.imported.input_shape, self.target.threads) if self.target.native else None
+    def time(self, *executables) -> list[float | None]:
+        if not self.target.native:
+            return [None] * len(executables)
+        return _time_ms(list(executables), self.imported.input_shape, self.target.threads)
 
     def uniform(self, name: str) -> dict[str, str]:
         """`name` for every layer that has that kernel, FP32 for the others."""
@@ -270,9 +276,9 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
     int8 = flow.uniform("W8A8")
     if options.baselines and target.native:
         with _stage(stages, "baselines"):
-            fp32_ms = flow.time(build.compile_module(fp32_scheduled, target))
+            fp32_exe = build.compile_module(fp32_scheduled, target)
             int8_exe, int8_records = flow.build(flow.plan(int8, timings, ranges))
-            uniform_ms = flow.time(int8_exe)
+            fp32_ms, uniform_ms = flow.time(fp32_exe, int8_exe)
     layer_ms = lambda choice: sum(table[lid][name]["ms"] for lid, name in choice.items()   # noqa: E731
                                   if name in table.get(lid, {}))
     fixed_ms = max(uniform_ms - layer_ms(int8), 0.0) if uniform_ms is not None and table else 0.0
@@ -301,7 +307,9 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         else:
             executable, records = flow.build(flow.plan(choice, timings, ranges))
     with _stage(stages, "time"):
-        measured = flow.time(executable) if options.baselines else None
+        measured = None
+        if options.baselines and target.native:     # the final figures: all three modules side by side
+            fp32_ms, uniform_ms, measured = flow.time(fp32_exe, int8_exe, executable)
     notes: list[str] = []
     if fixed_choice is None and measured is not None and uniform_ms is not None and choice != int8 \
             and (budget_ms is None or budget_ms < uniform_ms) and measured > 1.02 * uniform_ms:

@@ -422,6 +422,9 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     if method == "weight-error":
         scores = weight_error_scores(sim.fp32_weights, layers, configs, calibration.ranges, inputs, reduce_range)
     else:
+        if method != "accuracy" and len(x) > samples:   # ranges from every input, scores from `samples` of them
+            pick = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
+            x, ref = x[pick], ref[pick]
         metric = {"mqe": lambda z: float(kl_divergence(ref, z).mean()),
                   "output-mse": lambda z: float(np.mean((z - ref) ** 2)),
                   "accuracy": lambda z: float((ref.argmax(-1) == labels).mean() - (z.argmax(-1) == labels).mean()),
@@ -476,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-data", type=Path,
                         help="folder of images, .npy, or .npz with x (and y: labels, for --sensitivity accuracy)")
     parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
-    parser.add_argument("--samples", type=int, default=8, help="synthetic inputs (default 8)")
+    parser.add_argument("--samples", type=int, default=8,
+                        help="synthetic inputs, or the calibration inputs that score candidates (default 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune-trials", type=int, default=16, help="MetaSchedule trials per missing kernel")
     parser.add_argument("--json", type=Path, help="write the scores as JSON")

@@ -40,7 +40,7 @@ def test_writes_module_sidecar_reports_and_plots(flow):
     assert {"config", "predicted_ms", "measured_ms", "uniform_int8_ms", "fp32_ms", "stage_seconds", "layers"} <= set(report)
     assert {"measure", "mqe", "solve", "build"} <= set(report["stage_seconds"])
     assert len(report["config"]) == 10 and "matmul0" in report["config"]
-    assert report["budget_ms"] == pytest.approx(0.9 * report["uniform_int8_ms"])
+    assert report["objective"] == f"least estimated loss within {report['budget_ms']:.3f} ms" and report["budget_ms"] > 0
     if report["notes"]:       # the solver's choice measured slower than uniform INT8: INT8 was shipped
         assert "uniform INT8 is shipped" in report["notes"][0] and set(report["config"].values()) == {"W8A8"}
     else:
