@@ -221,8 +221,7 @@ def _problem(table: dict[str, dict], layers: list[Layer], fixed_ms: float,
              allowed: dict[str, frozenset[str]]) -> solve.Problem:
     options = {}
     for layer in layers:
-        options[layer.id] = [solve.Option(name, v["ms"], v["loss"],
-                                          layer.weight_bytes(32 if name == "FP32" else int(name[1:].split("A")[0])))
+        options[layer.id] = [solve.Option(name, v["ms"], v["loss"], layer.weight_bytes(kernels.parse_config(name).wbits))
                              for name, v in table[layer.id].items()]
     return solve.Problem(options, fixed_ms, allowed=allowed)
 
