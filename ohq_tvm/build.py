@@ -16,6 +16,19 @@ def compile_module(mod: tvm.IRModule, target: Target) -> relax.VMExecutable:
     return tvm.compile(mod, target=target.tvm)
 
 
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path` (same suffix), then rename: a kill never leaves a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, prefix=f".{path.stem}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def export(executable: relax.VMExecutable, output: Path, target: Target, force: bool = False) -> Path:
     """Write the .so through a temporary file and rename it: a kill never leaves a partial file."""
     output = Path(output)
@@ -25,12 +38,5 @@ def export(executable: relax.VMExecutable, output: Path, target: Target, force: 
     fcompile = None
     if not target.native:
         fcompile = tvm.support.cc.cross_compiler(target.require_cross_compiler())
-    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=f".{output.stem}.", dir=output.parent)
-    os.close(fd)
-    try:
-        executable.export_library(tmp, fcompile=fcompile)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(output, lambda tmp: executable.export_library(tmp, fcompile=fcompile))
     return output

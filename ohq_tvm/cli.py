@@ -22,6 +22,17 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("tuning_logs"), help="tuning logs (default: tuning_logs)")
 
 
+def parse_bits(text: str) -> tuple[int, ...]:
+    """`--bits 8,4,2` -> (2, 4, 8)."""
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError:
+        raise OhqError(f"--bits {text!r}: expected comma-separated integers, e.g. 8,4,2") from None
+    if not set(bits) <= {1, 2, 4, 8}:
+        raise OhqError(f"--bits {text!r}: supported bit-widths are 8, 4, 2, 1")
+    return bits
+
+
 def quiet_tvm_logs() -> None:
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     os.environ.setdefault("TVM_LOG_DEBUG", "0")

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 
 from . import build, kernels, mqe, report, solve, tune
-from .cli import ArgumentParser, common_args, quiet_tvm_logs
+from .cli import ArgumentParser, common_args, parse_bits, quiet_tvm_logs
 from .errors import OhqError, run_cli
 from .frontend import Imported, load_onnx, parse_shape, run_onnxruntime
 from .layers import Layer, find_layers, layer_table
@@ -378,12 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         raise OhqError("--rpc-tracker and --rpc-key go together")
     if args.size_budget is not None and args.size_budget <= 0:
         raise OhqError(f"--size-budget must be positive, got {args.size_budget}")
-    try:
-        bits = tuple(sorted({int(b) for b in args.bits.split(",")}))
-    except ValueError:
-        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
-    if not set(bits) <= {1, 2, 4, 8}:
-        raise OhqError(f"--bits {args.bits!r}: supported bit-widths are 8, 4, 2, 1")
+    bits = parse_bits(args.bits)
     if args.uniform:
         try:
             args.uniform = kernels.parse_config(args.uniform).name

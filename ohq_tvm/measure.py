@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from .cli import ArgumentParser, common_args, quiet_tvm_logs
+    from .cli import ArgumentParser, common_args, parse_bits, quiet_tvm_logs
     from .frontend import load_onnx, parse_shape
     from .layers import find_layers
     from .target import parse_target
@@ -337,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc-key", help="device key of the boards at the tracker")
     parser.add_argument("--tune-trials", type=int, default=32, help="MetaSchedule trials for missing FP32 kernels")
     args = parser.parse_args(argv)
-    try:
-        bits = sorted({int(b) for b in args.bits.split(",")})
-    except ValueError:
-        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
-    if not set(bits) <= {1, 2, 4, 8}:
-        raise OhqError(f"--bits {args.bits!r}: supported bit-widths are 8, 4, 2, 1")
+    bits = parse_bits(args.bits)
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise OhqError("--rpc-tracker and --rpc-key go together")
     quiet_tvm_logs()

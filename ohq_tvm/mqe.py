@@ -324,14 +324,10 @@ class Simulation:
                                for s in x])
 
 
-def _ohwi(layer: Layer, w: np.ndarray) -> np.ndarray:
-    return w.T.reshape(w.shape[1], 1, 1, w.shape[0]) if layer.op == "matmul" else w
-
-
 def fake_quant_weight(layer: Layer, config: Config, weight: np.ndarray, reduce_range: bool) -> np.ndarray:
     """The weight as the kernel of `config` sees it: per-channel codes x scales, in the graph's layout."""
     rr = reduce_range and kernels.family(layer, config) == "dot"
-    codes, scale = quantize_weights(_ohwi(layer, weight), config.wbits, reduce_range=rr)
+    codes, scale = quantize_weights(kernels.ohwi(layer, weight), config.wbits, reduce_range=rr)
     deq = codes.astype(np.float32) * scale.reshape(-1, *[1] * (codes.ndim - 1))
     return (deq.reshape(deq.shape[0], -1).T if layer.op == "matmul" else deq).astype(np.float32)
 
@@ -467,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from .cli import ArgumentParser, common_args, quiet_tvm_logs
+    from .cli import ArgumentParser, common_args, parse_bits, quiet_tvm_logs
     from .frontend import load_onnx, parse_shape
     from .layers import find_layers
     from .measure import candidates_for_bits
@@ -485,10 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-trials", type=int, default=16, help="MetaSchedule trials per missing kernel")
     parser.add_argument("--json", type=Path, help="write the scores as JSON")
     args = parser.parse_args(argv)
-    try:
-        bits = [int(b) for b in args.bits.split(",")]
-    except ValueError:
-        raise OhqError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 8,4,2") from None
+    bits = parse_bits(args.bits)
     if args.samples < 1:
         raise OhqError("--samples must be >= 1")
     quiet_tvm_logs()

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .build import atomic_write
 from .layers import Layer
 
 
@@ -94,30 +93,18 @@ def markdown(report: Report) -> str:
     return "\n".join(rows)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def plot_bits(report: Report, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    bits = lambda name: (32, 32) if name == "FP32" else tuple(int(v) for v in name[1:].split("A"))  # noqa: E731
+    from .kernels import parse_config
     ids = [c.id for c in report.layers]
-    wb, ab = zip(*(bits(c.config) for c in report.layers)) if ids else ((), ())
+    configs = [parse_config(c.config) for c in report.layers]
+    wb, ab = [c.wbits for c in configs], [c.abits for c in configs]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(ids)), 3.2))
     x = range(len(ids))
     ax.bar([i - 0.2 for i in x], [min(b, 16) for b in wb], 0.4, label="weight bits")
@@ -128,7 +115,7 @@ def plot_bits(report: Report, path: Path) -> None:
     ax.set_title(f"{report.model}: bit-widths per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -150,7 +137,7 @@ def plot_pareto(report: Report, path: Path) -> None:
     ax.set_title(f"{report.model}: latency vs estimated loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 

@@ -3,7 +3,6 @@ import json
 import shutil
 import subprocess
 
-import numpy as np
 import pytest
 
 from conftest import FMNIST, TUNING_LOGS, run_cli

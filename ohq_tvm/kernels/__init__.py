@@ -28,7 +28,7 @@ from .isa import Isa, isa_of
 from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
 
 __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Isa", "Knobs", "Packed", "build", "family",
-           "isa_of", "knob_space", "pack", "pack_codes", "parse_config", "simulate"]
+           "isa_of", "knob_space", "ohwi", "pack", "pack_codes", "parse_config", "simulate"]
 
 
 def family(layer: Layer, config: Config) -> str | None:
@@ -80,14 +80,15 @@ def pack_codes(layer: Layer, config: Config, knobs: Knobs, isa: Isa, codes: np.n
     return grouped.pack_grouped_weights(codes, isa, knobs)
 
 
-def _ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
+def ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
+    """The weight as the graph holds it -> [O, KH, KW, C/groups] (a matmul's [K, N] -> [N, 1, 1, K])."""
     return weight.T[:, None, None, :] if layer.op == "matmul" else weight
 
 
 def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarray, bias: np.ndarray | None,
          act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf)) -> Packed:
     """Quantize `weight` (the layer's float weight, as the graph holds it) and lay it out for the kernel."""
-    codes, wscale = quantize_weights(_ohwi(layer, weight), config.wbits,
+    codes, wscale = quantize_weights(ohwi(layer, weight), config.wbits,
                                      reduce_range=isa.reduce_range and family(layer, config) == "dot")
     o = codes.shape[0]
     scale = (np.float32(act.scale) * wscale).astype(np.float32)
