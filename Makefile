@@ -4,7 +4,7 @@ export TVM_NUM_THREADS ?= $(THREADS)
 APT_PACKAGES := gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static file
 STAMP := .make/setup.stamp
 
-.PHONY: setup demo test bench bench-fp32 bench-kernels bench-mqe bench-e2e models clean
+.PHONY: setup demo test bench bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory models clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ test: setup
 	$(PYTHON) -m pytest
 
 # Timings: run on a quiet machine (one timing job at a time). Results in bench/results/, summarized in README.
-bench: bench-fp32 bench-kernels bench-mqe bench-e2e
+bench: bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory
 
 bench-fp32: setup
 	$(PYTHON) bench/fp32.py
@@ -41,6 +41,9 @@ bench-mqe: setup
 
 bench-e2e: setup
 	$(PYTHON) bench/e2e.py
+
+bench-memory: setup
+	$(PYTHON) bench/memory.py
 
 # Re-export the example models (needs torch==2.13.0 from the machine's wheel; not needed otherwise).
 models: setup

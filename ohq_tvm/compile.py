@@ -31,6 +31,7 @@ from .measure import Measurer, TuningLog, candidates_for_bits, measure_model, rp
 from .rewrite import LayerPlan, QuantizeLayers
 from .target import Target, parse_target
 
+LAYER_OPS = ("Conv", "Gemm", "MatMul")    # the ONNX operators the layer table draws from
 SIMULATION_TRIALS = 8    # MetaSchedule trials per kernel of MQE's simulation: it only has to be fast enough
 
 
@@ -327,9 +328,20 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
                  "fastest with no more estimated loss than uniform INT8")
     rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted, measured, uniform_ms,
                         fp32_ms, fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
-                        f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes)
+                        f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes,
+                        kept_fp32(imported.ops, len(flow.layers)))
     stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
     return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
+
+
+def kept_fp32(ops: tuple[str, ...], quantized: int) -> dict[str, int]:
+    """ONNX operators the flow leaves in FP32 (op type -> count), incl. convs / matmuls without constant weights."""
+    counts: dict[str, int] = {}
+    for op in (op for op in ops if op != "BatchNormalization"):     # folded into its conv
+        key = "Conv/MatMul without constant weights" if op in LAYER_OPS else op
+        counts[key] = counts.get(key, 0) + 1
+    unquantized = counts.pop("Conv/MatMul without constant weights", 0) - quantized
+    return counts | ({"Conv/MatMul without constant weights": unquantized} if unquantized > 0 else {})
 
 
 def _read_config(path: Path) -> dict[str, str]:

@@ -1,4 +1,6 @@
 """User-facing errors: the CLI prints them as one line on stderr and exits with code 2."""
+import os
+import sys
 
 
 class OhqError(Exception):
@@ -6,8 +8,8 @@ class OhqError(Exception):
 
 
 def run_cli(main) -> None:
-    """Run a CLI entry point: user errors become one stderr line and exit code 2."""
-    import sys
+    """Run a CLI entry point: user errors become one stderr line and exit code 2; our own bugs one line and
+    exit code 1 (OHQ_TRACEBACK=1 shows the traceback)."""
     try:
         sys.exit(main())
     except OhqError as e:
@@ -16,3 +18,10 @@ def run_cli(main) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("OHQ_TRACEBACK"):
+            raise
+        lines = str(e).strip().splitlines()
+        print(f"error: internal error ({type(e).__name__}: {lines[-1][:300] if lines else ''}); "
+              "please report it, with OHQ_TRACEBACK=1 for details", file=sys.stderr)
+        sys.exit(1)

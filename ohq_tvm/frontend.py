@@ -5,6 +5,8 @@ the integer kernels and the scheduled FP32 kernels all work on channels-last ten
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,11 @@ def _read(path: Path) -> onnx.ModelProto:
     if not model.graph.node:
         raise OhqError(f"{path}: not an ONNX model (no graph nodes)")
     return model
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _single_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -79,12 +86,43 @@ def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> I
     unknown = sorted(set(ops) - set(onnx_frontend._get_convert_map()))
     if unknown:
         raise OhqError(f"the TVM ONNX importer cannot read operator(s): {', '.join(unknown)}")
+    _check_with_onnxruntime(path)
+    failure = None
     try:
-        mod = from_onnx(model, shape_dict={inp.name: list(shape)}, keep_params_in_input=True)
+        mod = _bind_and_fold(from_onnx(model, shape_dict={inp.name: list(shape)}, keep_params_in_input=True))
     except Exception as e:
-        raise OhqError(f"TVM could not import {path.name}: {str(e).strip().splitlines()[-1]}") from None
-    return Imported(mod=_bind_and_fold(mod), input_name=inp.name, input_shape=shape,
-                    input_dtype="float32", ops=ops)
+        failure = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if failure is not None:
+        _free_quietly()
+        raise OhqError(f"TVM could not import {path.name}: {failure}")
+    return Imported(mod=mod, input_name=inp.name, input_shape=shape, input_dtype="float32", ops=ops)
+
+
+def _check_with_onnxruntime(path: Path) -> None:
+    """onnxruntime, our reference, must load the model: it rejects what the checker lets through (e.g. dilations
+    of 0, shapes that do not add up) with a clear message, where TVM would fail deep inside a pass."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OhqError(f"{path}: invalid ONNX model (onnxruntime: {_first_line(e).split('failed:')[-1].strip()})") from None
+
+
+def _free_quietly() -> None:
+    """A failed import leaves a half-built BlockBuilder whose destructor warns on stderr: free it now, muted."""
+    import gc
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        gc.collect()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @mutator

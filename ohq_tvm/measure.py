@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+import tvm_ffi
 import tvm.s_tir as s_tir
 import tvm.s_tir.meta_schedule as ms
 
@@ -277,15 +278,19 @@ def measure_model(layers: list[Layer], fp32_kernels: list[tvm.tirx.PrimFunc] | N
 
 
 def _fp32_ms(layer: Layer, func: tvm.tirx.PrimFunc | None, measurer: Measurer, log: TuningLog) -> float | None:
-    """The MetaSchedule-scheduled FP32 kernel of the layer (with its fused epilogue), timed like the rest."""
+    """The MetaSchedule-scheduled FP32 kernel of the layer (with its fused epilogue), timed like the rest.
+
+    Its record is keyed by the schedule's structural hash: more tuning (a new schedule) is timed anew.
+    """
     key = workload_key(layer)
-    done = next((r for r in log.lookup(key, "FP32") if r.final), None)
+    schedule = None if func is None else [int(tvm_ffi.structural_hash(func))]
+    done = next((r for r in log.lookup(key, "FP32") if r.final and (schedule is None or r.knobs == schedule)), None)
     if done is not None:
         return done.ms
     if func is None:
         return None
     [ms_] = measurer.time([func])
-    log.append(Record(tvm.__version__, measurer.target.key, key, "FP32", None, ms_, final=True))
+    log.append(Record(tvm.__version__, measurer.target.key, key, "FP32", schedule, ms_, final=True))
     return ms_
 
 

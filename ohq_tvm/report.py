@@ -38,6 +38,7 @@ class Report:
     pareto: list[dict] = field(default_factory=list)     # [{"ms", "loss", "config"}] along the front
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)       # e.g. a fallback the flow took after measuring
+    kept_fp32: dict[str, int] = field(default_factory=dict)  # ONNX operators not quantized: op type -> count
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -75,6 +76,8 @@ def summary_lines(report: Report) -> list[str]:
     for config in report.config.values():
         counts[config] = counts.get(config, 0) + 1
     lines.append("layers: " + ", ".join(f"{n} x {c}" for c, n in sorted(counts.items())))
+    if report.kept_fp32:
+        lines.append("operators kept FP32: " + ", ".join(f"{n} x {op}" for op, n in sorted(report.kept_fp32.items())))
     return lines + report.notes
 
 

@@ -19,6 +19,7 @@ import tvm
 from tvm import relax
 import tvm.s_tir.meta_schedule as ms
 
+from .errors import OhqError
 from .target import Target
 
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
@@ -57,29 +58,66 @@ def database_dir(work_dir: Path, target: Target) -> Path:
 def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
     path = database_dir(work_dir, target)
     path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        _check_json_lines(path / name)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+    except Exception as e:  # TVM's own parse errors
+        raise OhqError(f"tuning database {path} is unreadable ({str(e).strip().splitlines()[-1][:200]}); "
+                       "move it away to re-tune") from None
+
+
+def _check_json_lines(file: Path) -> None:
+    """TVM aborts on a damaged database; name the file and line instead (the file is left as it is)."""
+    if not file.exists():
+        return
+    try:
+        lines = file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OhqError(f"tuning database {file} is unreadable: {e}") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, list) or len(row) != 2:
+            raise OhqError(f"tuning database {file} line {number} is corrupt; delete that line (or the file, "
+                           "to re-tune)")
 
 
 def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: int = 64,
-         seed: int = 0) -> TuneStats:
-    """Tune the PrimFuncs of `fused` that the database has no record for."""
+         seed: int = 0, top_up: int = 0) -> TuneStats:
+    """Tune the PrimFuncs of `fused` that the database has no record for.
+
+    `top_up`: also give the `top_up` kernels that take the most time (best record x occurrences)
+    `trials_per_task` more trials; the search starts from the records already in the database.
+    """
     skip_gpu_intrinsics()
     tasks = _tasks(fused, target)
     db = _database(work_dir, target)
     missing = _missing(tasks, db)
-    if missing and trials_per_task > 0 and target.native:
+    todo = missing + (_heaviest([t for t in tasks if t not in missing], db, top_up) if top_up else [])
+    if todo and trials_per_task > 0 and target.native:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            missing, work_dir=str(database_dir(work_dir, target)), seed=seed)
+            todo, work_dir=str(database_dir(work_dir, target)), seed=seed)
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(database_dir(work_dir, target)),
-            max_trials_global=trials_per_task * len(missing), max_trials_per_task=trials_per_task,
+            max_trials_global=trials_per_task * len(todo), max_trials_per_task=trials_per_task,
             num_trials_per_iter=min(32, trials_per_task), database=db, cost_model="xgb",
             builder=ms.builder.LocalBuilder(timeout_sec=60, initializer=skip_gpu_intrinsics),
             runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)))
         prune(database_dir(work_dir, target))
-    return TuneStats(tasks=len(tasks), tuned=len(missing) if trials_per_task > 0 else 0,
-                     trials=trials_per_task * len(missing))
+    tuned = len(todo) if trials_per_task > 0 and target.native else 0
+    return TuneStats(tasks=len(tasks), tuned=tuned, trials=trials_per_task * tuned)
+
+
+def _heaviest(tasks: list, db: ms.database.Database, count: int) -> list:
+    def seconds(task) -> float:
+        best = db.get_top_k(db.commit_workload(task.dispatched[0]), 1)
+        run_secs = [float(s) for s in best[0].run_secs] if best else []
+        return task.weight * (sum(run_secs) / len(run_secs) if run_secs else 0.0)
+    return sorted(tasks, key=seconds, reverse=True)[:count]
 
 
 def prune(path: Path, keep: int = 2) -> None:
@@ -142,3 +180,32 @@ def layer_kernels(scheduled: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
 
 def _block_names(func: tvm.tirx.PrimFunc) -> list[str]:
     return re.findall(r'T\.sblock\("(\w+)"', func.script())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ohq_tvm.tune model.onnx [--trials 64] [--top-up 12]``: tune a model's FP32 kernels ahead of time."""
+    from .cli import ArgumentParser, common_args, quiet_tvm_logs
+    from .frontend import load_onnx, parse_shape
+    from .target import parse_target
+
+    parser = ArgumentParser(prog="python -m ohq_tvm.tune", description=main.__doc__)
+    common_args(parser)
+    parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per kernel (default 32)")
+    parser.add_argument("--top-up", type=int, default=0, metavar="N",
+                        help="also give the N kernels that take the most time --trials more trials")
+    args = parser.parse_args(argv)
+    quiet_tvm_logs()
+    target = parse_target(args.target, args.threads)
+    if not target.native:
+        from .errors import OhqError
+        raise OhqError(f"{target.key} is not this CPU: tuning runs kernels, so it runs on the target itself")
+    imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
+    stats = tune(fuse(imported.mod, target), target, args.work_dir, args.trials, top_up=args.top_up)
+    print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials); "
+          f"records in {database_dir(args.work_dir, target)}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+    run_cli(main)
