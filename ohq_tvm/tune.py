@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per kernel (default 32)")
     parser.add_argument("--top-up", type=int, default=0, metavar="N",
                         help="also give the N kernels that take the most time --trials more trials")
+    parser.add_argument("--mqe", action="store_true", help="tune MQE's masked simulation of the model instead")
     args = parser.parse_args(argv)
     quiet_tvm_logs()
     target = parse_target(args.target, args.threads)
@@ -200,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         from .errors import OhqError
         raise OhqError(f"{target.key} is not this CPU: tuning runs kernels, so it runs on the target itself")
     imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
-    stats = tune(fuse(imported.mod, target), target, args.work_dir, args.trials, top_up=args.top_up)
+    mod = imported.mod
+    if args.mqe:
+        from .layers import find_layers
+        from .mqe import masked_module
+        mod, _ = masked_module(mod, find_layers(mod))
+    stats = tune(fuse(mod, target), target, args.work_dir, args.trials, top_up=args.top_up)
     print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials); "
           f"records in {database_dir(args.work_dir, target)}")
     return 0
