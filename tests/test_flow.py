@@ -47,6 +47,8 @@ def test_writes_module_sidecar_reports_and_plots(flow):
     for layer in report["layers"]:        # the solver took a measured, estimated candidate for every layer
         assert layer["config"] in layer["candidates"] and layer["ms"] == layer["candidates"][layer["config"]]["ms"]
     assert "conv2d0" in result.stdout and "predicted" in result.stdout
+    assert report["kept_fp32"].get("Add", 0) >= 1 and "BatchNormalization" not in report["kept_fp32"]
+    assert "operators kept FP32" in out.with_suffix(".report.md").read_text()
     sidecar = json.loads(out.with_suffix(".quant.json").read_text())
     assert sidecar["config"] == report["config"]
     assert {r["layer"] for r in sidecar["layers"]} == {k for k, v in report["config"].items() if v != "FP32"}
