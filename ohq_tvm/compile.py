@@ -88,20 +88,15 @@ def _stage(stages: dict[str, float], name: str):
 
 
 def _time_ms(executables: list, shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:
-    """Median latency of each deployable library, timed in interleaved rounds (machine noise hits all
-    alike): exported, loaded and run like a user's (running the executable in place would also make a
-    later export of it warn)."""
+    """Median latency of each deployable library, exported, loaded and timed side by side like a user's, in a
+    fresh process (running the executable in place would also make a later export of it warn)."""
     import tempfile
-    from .runtime import Model, set_threads
-    set_threads(threads)
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    from .runtime import time_in_fresh_process
     with tempfile.TemporaryDirectory() as tmp:
-        models = []
-        for i, executable in enumerate(executables):
-            executable.export_library(f"{tmp}/m{i}.so")
-            models.append(Model.load(f"{tmp}/m{i}.so"))
-        runs = [[m.time_ms(x, min_seconds=0.2) for m in models] for _ in range(rounds)]
-    return [float(np.median(column)) for column in zip(*runs)]
+        paths = [f"{tmp}/m{i}.so" for i in range(len(executables))]
+        for executable, path in zip(executables, paths):
+            executable.export_library(path)
+        return time_in_fresh_process(paths, shape, threads, rounds)
 
 
 def parse_exclude(items: tuple[str, ...], layers: list[Layer]) -> dict[str, frozenset[str]]:

@@ -45,3 +45,62 @@ class Model:
             self._main(arg)
             samples.append(time.perf_counter() - t0)
         return statistics.median(samples) * 1e3
+
+
+def time_side_by_side(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5,
+                      min_seconds: float = 0.2) -> list[float]:
+    """Median latency (ms) of each library, timed in interleaved rounds so machine noise hits all alike."""
+    set_threads(threads)
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    models = [Model.load(p) for p in paths]
+    runs = []
+    for _ in range(rounds):
+        row = []
+        for model in models:
+            time.sleep(0.05)        # let the previous module's spinning worker threads park
+            row.append(model.time_ms(x, min_seconds))
+        runs.append(row)
+    return [statistics.median(column) for column in zip(*runs)]
+
+
+def time_in_fresh_process(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:
+    """`time_side_by_side` in a new Python process: the compiler's own threads and pools (XGBoost, LLVM,
+    MetaSchedule workers) made in-process timings swing by up to 2x."""
+    import json
+    import os
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "ohq_tvm.runtime", *map(str, paths), "--shape", ",".join(map(str, shape)),
+               "--threads", str(threads), "--rounds", str(rounds)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TVM_NUM_THREADS": str(threads)})
+    if result.returncode != 0:
+        raise RuntimeError(f"timing process failed: {result.stderr.strip()[-500:]}")
+    return json.loads(result.stdout)["median_ms"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ohq_tvm.runtime a.so [b.so ...] --shape 1,3,224,224``: median latency of each, side by side."""
+    import json
+    from .cli import ArgumentParser
+    from .errors import OhqError
+    parser = ArgumentParser(prog="python -m ohq_tvm.runtime", description=main.__doc__)
+    parser.add_argument("libraries", nargs="+", type=Path)
+    parser.add_argument("--shape", required=True, help="input shape, e.g. 1,3,224,224")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    for path in args.libraries:
+        if not path.is_file():
+            raise OhqError(f"{path}: no such file")
+    try:
+        shape = tuple(int(d) for d in args.shape.split(","))
+    except ValueError:
+        raise OhqError(f"--shape {args.shape!r}: expected comma-separated integers") from None
+    ms = time_side_by_side(args.libraries, shape, args.threads, args.rounds)
+    print(json.dumps({"libraries": [str(p) for p in args.libraries], "threads": args.threads, "median_ms": ms}))
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+    run_cli(main)
