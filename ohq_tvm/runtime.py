@@ -49,7 +49,9 @@ class Model:
 
 def time_side_by_side(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5,
                       min_seconds: float = 0.2) -> list[float]:
-    """Median latency (ms) of each library, timed in interleaved rounds so machine noise hits all alike."""
+    """Latency (ms) of each library: the median of each round (>= min_seconds of runs), rounds interleaved so
+    noise hits all alike, and the best round kept: interference (other processes, a neighbour VM) only ever
+    slows a round down, and on this 2-core machine it slowed whole rounds by up to 2x."""
     set_threads(threads)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     models = [Model.load(p) for p in paths]
@@ -60,7 +62,7 @@ def time_side_by_side(paths: list[str | Path], shape: tuple[int, ...], threads: 
             time.sleep(0.05)        # let the previous module's spinning worker threads park
             row.append(model.time_ms(x, min_seconds))
         runs.append(row)
-    return [statistics.median(column) for column in zip(*runs)]
+    return [min(column) for column in zip(*runs)]
 
 
 def time_in_fresh_process(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:
@@ -75,11 +77,11 @@ def time_in_fresh_process(paths: list[str | Path], shape: tuple[int, ...], threa
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TVM_NUM_THREADS": str(threads)})
     if result.returncode != 0:
         raise RuntimeError(f"timing process failed: {result.stderr.strip()[-500:]}")
-    return json.loads(result.stdout)["median_ms"]
+    return json.loads(result.stdout)["ms"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ohq_tvm.runtime a.so [b.so ...] --shape 1,3,224,224``: median latency of each, side by side."""
+    """``python -m ohq_tvm.runtime a.so [b.so ...] --shape 1,3,224,224``: latency of each, timed side by side."""
     import json
     from .cli import ArgumentParser
     from .errors import OhqError
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise OhqError(f"--shape {args.shape!r}: expected comma-separated integers") from None
     ms = time_side_by_side(args.libraries, shape, args.threads, args.rounds)
-    print(json.dumps({"libraries": [str(p) for p in args.libraries], "threads": args.threads, "median_ms": ms}))
+    print(json.dumps({"libraries": [str(p) for p in args.libraries], "threads": args.threads, "ms": ms}))
     return 0
 
 
