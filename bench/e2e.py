@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import models as bench_models  # noqa: E402
 from bench.ort_int8 import quantize  # noqa: E402
-from bench.timing import RESULTS, interleaved, machine, ort_timer, update_readme, write  # noqa: E402
+from bench.timing import RESULTS, machine, ort_timer, update_readme, write  # noqa: E402
 from ohq_tvm import data, evaluate  # noqa: E402
 from ohq_tvm.compile import Options, compile_onnx  # noqa: E402
 from ohq_tvm.errors import OhqError  # noqa: E402
-from ohq_tvm.runtime import Model, set_threads  # noqa: E402
+from ohq_tvm.runtime import Model, interleaved, set_threads  # noqa: E402
 
 WORK_DIR = ROOT / "tuning_logs"
 BUDGETS = (0.9, 0.75, 0.6)

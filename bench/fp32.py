@@ -12,9 +12,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.timing import interleaved, machine, ort_timer, update_readme, write  # noqa: E402
+from bench.timing import machine, ort_timer, update_readme, write  # noqa: E402
 from ohq_tvm.compile import Options, compile_onnx  # noqa: E402
-from ohq_tvm.runtime import Model, set_threads  # noqa: E402
+from ohq_tvm.runtime import Model, interleaved, set_threads  # noqa: E402
 
 MODEL = ROOT / "models" / "efficientnet_lite0.onnx"
 THREADS = (1, 2)

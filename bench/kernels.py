@@ -16,11 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.timing import interleaved, machine, ort_timer, update_readme, write  # noqa: E402
+from bench.timing import machine, ort_timer, update_readme, write  # noqa: E402
 from ohq_tvm import kernels  # noqa: E402
 from ohq_tvm.layers import Layer  # noqa: E402
 from ohq_tvm.measure import Measurer, TuningLog, build_kernel, kernel_args, search, time_module  # noqa: E402
-from ohq_tvm.runtime import set_threads  # noqa: E402
+from ohq_tvm.runtime import interleaved, set_threads  # noqa: E402
 from ohq_tvm.target import parse_target  # noqa: E402
 
 

@@ -1,14 +1,17 @@
-"""Side-by-side latency: every system timed in the same rounds, so machine noise hits all alike."""
+"""Benchmark helpers: onnxruntime timers, the machine's description, result files and README blocks.
+
+Side-by-side timing itself (`interleaved`) is `ohq_tvm.runtime`'s, which the compile flow uses too.
+"""
 from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from ohq_tvm.runtime import median_ms
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -21,26 +24,7 @@ def ort_timer(path: str | Path, x: np.ndarray, threads: int, min_seconds: float 
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x}
     sess.run(None, feed)
-
-    def measure() -> float:
-        samples = []
-        deadline = time.perf_counter() + min_seconds
-        while len(samples) < 5 or time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples) * 1e3
-    return measure
-
-
-def interleaved(timers: dict[str, Callable[[], float]], rounds: int = 7) -> dict[str, float]:
-    """Median over rounds of each timer's median; each round runs every timer once, in turn."""
-    runs: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            time.sleep(0.05)    # let the previous system's spinning worker threads park before the next
-            runs[name].append(timer())
-    return {name: statistics.median(values) for name, values in runs.items()}
+    return lambda: median_ms(lambda: sess.run(None, feed), min_seconds)
 
 
 def machine() -> str:

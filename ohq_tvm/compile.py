@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +89,8 @@ def _stage(stages: dict[str, float], name: str):
 
 
 def _time_ms(executables: list, shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:
-    """Median latency of each deployable library, exported, loaded and timed side by side like a user's, in a
-    fresh process (running the executable in place would also make a later export of it warn)."""
+    """Latency of each deployable library, exported, loaded and timed side by side like a user's, in a fresh
+    process (running the executable in place would also make a later export of it warn)."""
     import tempfile
     from .runtime import time_in_fresh_process
     with tempfile.TemporaryDirectory() as tmp:
@@ -331,12 +332,11 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
 
 def kept_fp32(ops: tuple[str, ...], quantized: int) -> dict[str, int]:
     """ONNX operators the flow leaves in FP32 (op type -> count), incl. convs / matmuls without constant weights."""
-    counts: dict[str, int] = {}
-    for op in (op for op in ops if op != "BatchNormalization"):     # folded into its conv
-        key = "Conv/MatMul without constant weights" if op in LAYER_OPS else op
-        counts[key] = counts.get(key, 0) + 1
-    unquantized = counts.pop("Conv/MatMul without constant weights", 0) - quantized
-    return counts | ({"Conv/MatMul without constant weights": unquantized} if unquantized > 0 else {})
+    counts = Counter(op for op in ops if op not in LAYER_OPS and op != "BatchNormalization")  # BN: folded
+    unquantized = sum(op in LAYER_OPS for op in ops) - quantized
+    if unquantized > 0:
+        counts["Conv/MatMul without constant weights"] = unquantized
+    return dict(counts)
 
 
 def _read_config(path: Path) -> dict[str, str]:

@@ -7,6 +7,12 @@ class OhqError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+def last_line(e: BaseException, limit: int = 300) -> str:
+    """The line of an exception's message that says what went wrong (TVM's come after a traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else type(e).__name__
+
+
 def run_cli(main) -> None:
     """Run a CLI entry point: user errors become one stderr line and exit code 2; our own bugs one line and
     exit code 1 (OHQ_TRACEBACK=1 shows the traceback)."""
@@ -21,7 +27,6 @@ def run_cli(main) -> None:
     except Exception as e:
         if os.environ.get("OHQ_TRACEBACK"):
             raise
-        lines = str(e).strip().splitlines()
-        print(f"error: internal error ({type(e).__name__}: {lines[-1][:300] if lines else ''}); "
+        print(f"error: internal error ({type(e).__name__}: {last_line(e)}); "
               "please report it, with OHQ_TRACEBACK=1 for details", file=sys.stderr)
         sys.exit(1)

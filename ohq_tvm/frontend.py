@@ -17,7 +17,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.onnx import from_onnx, onnx_frontend
 
-from .errors import OhqError
+from .errors import OhqError, last_line
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def load_onnx(path: str | Path, input_shape: tuple[int, ...] | None = None) -> I
     try:
         mod = _bind_and_fold(from_onnx(model, shape_dict={inp.name: list(shape)}, keep_params_in_input=True))
     except Exception as e:
-        failure = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        failure = last_line(e)
     if failure is not None:
         _free_quietly()
         raise OhqError(f"TVM could not import {path.name}: {failure}")

@@ -337,12 +337,16 @@ def act_row(lo: float, hi: float, bits: int) -> np.ndarray:
     return np.array([act.inv_scale, act.zero_point, 2 ** bits - 1, 1.0, act.scale], np.float32)
 
 
+def layer_input(inputs: list, index: int) -> np.ndarray:
+    """Every value layer `index` saw as input over the batch (`Simulation.run`'s per-sample inputs), flat."""
+    return np.concatenate([sample[index].numpy().ravel() for sample in inputs])
+
+
 def ranges_of(layers: list[Layer], inputs: list, percentile: float = CLIP_PERCENTILE) -> dict[str, tuple[float, float]]:
     """Per layer: [p, 100 - p] percentiles of its input values over the batch (the clipping rule)."""
     ranges = {}
     for i, layer in enumerate(layers):
-        values = np.concatenate([sample[i].numpy().ravel() for sample in inputs])
-        lo, hi = np.percentile(values, [percentile, 100 - percentile])
+        lo, hi = np.percentile(layer_input(inputs, i), [percentile, 100 - percentile])
         ranges[layer.id] = (float(lo), float(hi))
     return ranges
 
@@ -365,7 +369,7 @@ def weight_error_scores(sim_weights: dict[str, np.ndarray], layers: list[Layer],
     scores = {}
     for i, layer in enumerate(layers):
         w = sim_weights[layer.id]
-        a = np.concatenate([sample[i].numpy().ravel() for sample in inputs])
+        a = layer_input(inputs, i)
         act_error: dict[int, float] = {}
         scores[layer.id] = {"FP32": 0.0}
         for config in available(layer, configs):

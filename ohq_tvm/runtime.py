@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +39,41 @@ class Model:
         """Median latency of one call, in ms, over repeats that together take >= min_seconds."""
         arg = tvm.runtime.tensor(np.ascontiguousarray(x), self.device)
         self._main(arg)
-        samples: list[float] = []
-        deadline = time.perf_counter() + min_seconds
-        while len(samples) < 5 or time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            self._main(arg)
-            samples.append(time.perf_counter() - t0)
-        return statistics.median(samples) * 1e3
+        return median_ms(lambda: self._main(arg), min_seconds)
+
+
+def median_ms(call: Callable[[], object], min_seconds: float) -> float:
+    """Median latency of `call()`, in ms, over at least 5 repeats that together take >= min_seconds."""
+    samples: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(samples) < 5 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e3
+
+
+def interleaved(timers: dict, rounds: int = 7, statistic: Callable[[list[float]], float] = statistics.median) -> dict:
+    """`statistic` over rounds of each timer's figure; each round runs every timer once, in turn, so machine
+    noise hits all alike."""
+    runs: dict = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            time.sleep(0.05)    # let the previous system's spinning worker threads park before the next
+            runs[name].append(timer())
+    return {name: statistic(values) for name, values in runs.items()}
 
 
 def time_side_by_side(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5,
                       min_seconds: float = 0.2) -> list[float]:
-    """Latency (ms) of each library: the median of each round (>= min_seconds of runs), rounds interleaved so
-    noise hits all alike, and the best round kept: interference (other processes, a neighbour VM) only ever
-    slows a round down, and on this 2-core machine it slowed whole rounds by up to 2x."""
+    """Latency (ms) of each library: the median of each round (>= min_seconds of runs), rounds interleaved,
+    and the best round kept: interference (other processes, a neighbour VM) only ever slows a round down,
+    and on this 2-core machine it slowed whole rounds by up to 2x."""
     set_threads(threads)
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     models = [Model.load(p) for p in paths]
-    runs = []
-    for _ in range(rounds):
-        row = []
-        for model in models:
-            time.sleep(0.05)        # let the previous module's spinning worker threads park
-            row.append(model.time_ms(x, min_seconds))
-        runs.append(row)
-    return [min(column) for column in zip(*runs)]
+    best = interleaved({i: (lambda m=m: m.time_ms(x, min_seconds)) for i, m in enumerate(models)}, rounds, min)
+    return [best[i] for i in range(len(models))]
 
 
 def time_in_fresh_process(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5) -> list[float]:

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax
 import tvm.s_tir.meta_schedule as ms
 
-from .errors import OhqError
+from .errors import OhqError, last_line
 from .target import Target
 
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
@@ -63,7 +63,7 @@ def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
     try:
         return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
     except Exception as e:  # TVM's own parse errors
-        raise OhqError(f"tuning database {path} is unreadable ({str(e).strip().splitlines()[-1][:200]}); "
+        raise OhqError(f"tuning database {path} is unreadable ({last_line(e, 200)}); "
                        "move it away to re-tune") from None
 
 
@@ -198,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tvm_logs()
     target = parse_target(args.target, args.threads)
     if not target.native:
-        from .errors import OhqError
         raise OhqError(f"{target.key} is not this CPU: tuning runs kernels, so it runs on the target itself")
     imported = load_onnx(args.model, parse_shape(args.input_shape) if args.input_shape else None)
     mod = imported.mod
