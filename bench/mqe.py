@@ -24,7 +24,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.timing import machine, write  # noqa: E402
+from bench.timing import machine, update_readme, write  # noqa: E402
 from ohq_tvm import kernels, mqe  # noqa: E402
 from ohq_tvm.cli import quiet_tvm_logs  # noqa: E402
 from ohq_tvm.data import fashion_mnist_test  # noqa: E402
@@ -155,10 +155,19 @@ def main() -> None:
     print(write("mqe.json", payload))
     for method, row in payload["fmnist"]["estimators"].items():
         print(f"{method:>13}: spearman {row['spearman']:+.3f}  {row['seconds']:.1f} s")
+    fm = payload["fmnist"]
+    lines = [f"Fashion-MNIST, {fm['pairs']} (layer, candidate) pairs, Spearman vs the true top-1 drop: "
+             + ", ".join(f"**{m}** {row['spearman']:.3f} ({row['seconds']:.1f} s)" for m, row in fm["estimators"].items())
+             + " (goal for mqe: >= 0.8)."]
     if "efficientnet_lite0" in payload:
         e = payload["efficientnet_lite0"]
         print(f"EfficientNet-Lite0 MQE: {e['total_seconds']:.1f} s ({e['mqe_seconds']:.1f} s + "
               f"{e['simulation_build_seconds']:.1f} s simulation build)")
+        lines.append(f"EfficientNet-Lite0, all {e['layers']} layers x {e['evaluations']} (layer, candidate) pairs, "
+                     f"{e['samples']} {e['source']} samples: **{e['total_seconds']:.1f} s** (goal <= 60 s) = "
+                     f"{e['simulation_build_seconds']:.1f} s simulation build + {e['mqe_seconds']:.1f} s inputs, "
+                     "ranges and scores.")
+    update_readme("mqe", "\n\n".join(lines) + f"\n\nMeasured on {machine()}, 2 threads.")
 
 
 if __name__ == "__main__":
