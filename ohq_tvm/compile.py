@@ -214,13 +214,39 @@ def _options_table(timings: dict, scores: dict[str, dict[str, float]], layers: l
     return table
 
 
-def _problem(table: dict[str, dict], layers: list[Layer], fixed_ms: float,
+@dataclass(frozen=True)
+class LatencyModel:
+    """predicted ms = fixed_ms + scale * (sum of the chosen kernels' OQA latencies).
+
+    Fitted to the two modules the flow times anyway, uniform INT8 and FP32: kernels timed alone do not
+    take exactly what they take inside the network (caches, thread wake-ups), the scale absorbs that;
+    fixed_ms is the rest of the network. Without both modules: scale 1 and the INT8 remainder."""
+    fixed_ms: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def fit(cls, int8_sum: float, int8_ms: float | None, fp32_sum: float, fp32_ms: float | None) -> "LatencyModel":
+        if int8_ms is None:
+            return cls()
+        if fp32_ms is not None and fp32_sum > int8_sum:
+            scale = (fp32_ms - int8_ms) / (fp32_sum - int8_sum)
+            fixed = int8_ms - scale * int8_sum
+            if scale > 0 and fixed >= 0:
+                return cls(fixed, scale)
+        return cls(max(int8_ms - int8_sum, 0.0))
+
+    def __call__(self, layers_ms: float) -> float:
+        return self.fixed_ms + self.scale * layers_ms
+
+
+def _problem(table: dict[str, dict], layers: list[Layer], model: LatencyModel,
              allowed: dict[str, frozenset[str]]) -> solve.Problem:
     options = {}
     for layer in layers:
-        options[layer.id] = [solve.Option(name, v["ms"], v["loss"], layer.weight_bytes(kernels.parse_config(name).wbits))
+        options[layer.id] = [solve.Option(name, model.scale * v["ms"], v["loss"],
+                                          layer.weight_bytes(kernels.parse_config(name).wbits))
                              for name, v in table[layer.id].items()]
-    return solve.Problem(options, fixed_ms, allowed=allowed)
+    return solve.Problem(options, model.fixed_ms, allowed=allowed)
 
 
 def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shape: tuple[int, ...] | None = None,
@@ -277,19 +303,20 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
             fp32_ms, uniform_ms = flow.time(fp32_exe, int8_exe)
     layer_ms = lambda choice: sum(table[lid][name]["ms"] for lid, name in choice.items()   # noqa: E731
                                   if name in table.get(lid, {}))
-    fixed_ms = max(uniform_ms - layer_ms(int8), 0.0) if uniform_ms is not None and table else 0.0
+    latency = LatencyModel.fit(layer_ms(int8), uniform_ms, layer_ms(flow.uniform("FP32")), fp32_ms) if table \
+        else LatencyModel()
 
     budget_ms, front = None, []
     with _stage(stages, "solve"):
         if fixed_choice is not None:
             choice = dict(fixed_choice)
         else:
-            problem = _problem(table, flow.layers, fixed_ms, allowed)
+            problem = _problem(table, flow.layers, latency, allowed)
             if options.latency_budget is None:     # as fast as possible at no more estimated loss than INT8
                 int8_loss = sum(table[lid][name]["loss"] for lid, name in int8.items() if name in table[lid])
                 solution = solve.fastest(problem, int8_loss, options.size_budget)
             else:
-                reference = uniform_ms if uniform_ms is not None else fixed_ms + layer_ms(int8)
+                reference = uniform_ms if uniform_ms is not None else latency(layer_ms(int8))
                 budget_ms = solve.parse_budget(options.latency_budget, reference)
                 solution = solve.solve(problem, budget_ms, options.size_budget)
             choice = solution.config
@@ -314,7 +341,7 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         notes.append(f"the solver's configuration measured {measured:.3f} ms, slower than uniform INT8 "
                      f"({uniform_ms:.3f} ms): uniform INT8 is shipped instead")
         choice, executable, records, measured = int8, int8_exe, int8_records, uniform_ms
-    predicted = fixed_ms + layer_ms(choice) if table and all(n in table.get(l, {}) for l, n in choice.items()) \
+    predicted = latency(layer_ms(choice)) if table and all(n in table.get(l, {}) for l, n in choice.items()) \
         else None
     choices = [report.layer_choice(layer, choice[layer.id], table[layer.id]) if choice[layer.id] in table.get(
         layer.id, {}) else report.LayerChoice(layer.id, layer.kind, choice[layer.id], math.nan, math.nan, {})
@@ -323,20 +350,27 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
                  f"least estimated loss within {budget_ms:.3f} ms" if budget_ms is not None else
                  "fastest with no more estimated loss than uniform INT8")
     rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted, measured, uniform_ms,
-                        fp32_ms, fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
+                        fp32_ms, latency.fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
                         f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes,
-                        kept_fp32(imported.ops, len(flow.layers)))
+                        kept_fp32(imported.ops, len(flow.layers), records), latency.scale)
     stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
     return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
 
 
-def kept_fp32(ops: tuple[str, ...], quantized: int) -> dict[str, int]:
-    """ONNX operators the flow leaves in FP32 (op type -> count), incl. convs / matmuls without constant weights."""
+ABSORBED = {"relu": "Relu", "clip": "Clip", "maximum": "Clip", "minimum": "Clip"}   # epilogue op -> ONNX op
+
+
+def kept_fp32(ops: tuple[str, ...], quantized: int, records: list[dict] = ()) -> dict[str, int]:
+    """ONNX operators the flow leaves in FP32 (op type -> count), incl. convs / matmuls without constant weights;
+    activations absorbed into an integer kernel's epilogue (`records`, the sidecar's layers) are not."""
     counts = Counter(op for op in ops if op not in LAYER_OPS and op != "BatchNormalization")  # BN: folded
+    for record in records:
+        for op in {ABSORBED[o] for o in record["epilogue"] if o in ABSORBED}:
+            counts[op] -= counts[op] > 0
     unquantized = sum(op in LAYER_OPS for op in ops) - quantized
     if unquantized > 0:
         counts["Conv/MatMul without constant weights"] = unquantized
-    return dict(counts)
+    return {op: n for op, n in counts.items() if n}
 
 
 def _read_config(path: Path) -> dict[str, str]:

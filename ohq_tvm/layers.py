@@ -1,7 +1,7 @@
 """The table of quantizable layers: every conv2d and matmul whose weight is a constant."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -23,6 +23,8 @@ class Layer:
     padding: tuple[int, ...] = (0, 0, 0, 0)
     dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
+    codes_in: bool = False           # its input is another layer's result only: codes when both are quantized
+    codes_out: bool = False          # its result feeds another layer only
 
     @property
     def macs(self) -> int:
@@ -42,7 +44,7 @@ class Layer:
     def workload(self) -> tuple:
         """Layers with equal workloads run the same kernel: measure once."""
         return (self.op, self.input_shape, self.weight_shape, self.strides, self.padding,
-                self.dilation, self.groups)
+                self.dilation, self.groups, self.codes_in, self.codes_out)
 
 
 def _shape(expr: relax.Expr) -> tuple[int, ...]:
@@ -84,7 +86,12 @@ class _Collector(PyExprVisitor):
 
 
 def find_layers(mod: tvm.IRModule) -> list[Layer]:
-    return [layer for layer, _ in layer_weights(mod)]
+    """The table, with the links along which quantized layers pass each other codes (measured so)."""
+    from .rewrite import integer_links    # the rewrite's epilogue chains decide what is linked
+    links = integer_links(mod)
+    producers, consumers = {p for p, _ in links}, {c for _, c in links}
+    return [replace(layer, codes_in=layer.id in consumers, codes_out=layer.id in producers)
+            for layer, _ in layer_weights(mod)]
 
 
 def layer_weights(mod: tvm.IRModule) -> list[tuple[Layer, relax.Expr]]:

@@ -41,6 +41,7 @@ def workload_key(layer: Layer) -> str:
     key = f"{layer.op}:{shape(layer.input_shape)}:{shape(layer.weight_shape)}"
     if layer.op == "conv2d":
         key += f":s{shape(layer.strides)}:p{shape(layer.padding)}:g{layer.groups}"
+    key += ":codes-in" * layer.codes_in + ":codes-out" * layer.codes_out
     return key
 
 
@@ -199,7 +200,7 @@ def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, kee
         funcs, built = [], []
         for knobs in todo:
             try:
-                funcs.append(kernels.build(layer, config, knobs, target.tvm))
+                funcs.append(kernels.build(layer, config, knobs, target.tvm, kernels.Io.of(layer)))
                 built.append(knobs)
             except Exception as e:   # a setting the schedule rejects is recorded, not fatal
                 log.append(new([knobs.tile_w, knobs.tile_o], None, error=str(e).splitlines()[-1][:200]))
@@ -224,18 +225,20 @@ def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, kee
 # In-process helpers (benchmarks, latency checks): build one kernel and time it on random data.
 
 def build_kernel(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target) -> tvm.runtime.Module:
-    func = kernels.build(layer, config, knobs, target)
+    func = kernels.build(layer, config, knobs, target, kernels.Io.of(layer))
     return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
 
 
 def kernel_args(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target, seed: int = 0) -> list:
     """Random but well-formed arguments: input, packed weights, channel and quantization params, output."""
     rng = np.random.default_rng(seed)
+    act = kernels.ActQuant.from_range(-1, 3, config.abits)
     x = rng.uniform(-1, 3, layer.input_shape).astype(np.float32)
+    x = act.quantize(x) if layer.codes_in else x
     weight = rng.standard_normal(layer.weight_shape).astype(np.float32)
-    packed = kernels.pack(layer, config, knobs, kernels.isa_of(target), weight, None,
-                          kernels.ActQuant.from_range(-1, 3, config.abits), clamp=(0.0, 6.0))
-    out = np.zeros(layer.output_shape, np.float32)
+    packed = kernels.pack(layer, config, knobs, kernels.isa_of(target), weight, None, act, clamp=(0.0, 6.0),
+                          out_act=kernels.ActQuant.from_range(0, 6, 8) if layer.codes_out else None)
+    out = np.zeros(layer.output_shape, kernels.Io.of(layer).out_dtype)
     return [tvm.runtime.tensor(a) for a in (x, packed.w, packed.chan, packed.q, out)]
 
 

@@ -39,6 +39,7 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)       # e.g. a fallback the flow took after measuring
     kept_fp32: dict[str, int] = field(default_factory=dict)  # ONNX operators not quantized: op type -> count
+    latency_scale: float = 1.0        # predicted = fixed_ms + latency_scale * sum of the chosen kernels' ms
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -116,7 +117,8 @@ def plot_bits(report: Report, path: Path) -> None:
     ax.set_yticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "FP32"])
     ax.set_ylabel("bits")
     ax.set_title(f"{report.model}: bit-widths per layer")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -3,7 +3,9 @@
 ``QuantizeLayers(plan)`` finds each planned conv2d / matmul by its weight constant, absorbs the
 chain of bindings that only it feeds — per-channel bias adds, then ReLU / ReLU6 / clip / maximum /
 minimum — into the kernel's epilogue constants, and binds the chain's last variable to
-``call_tir(kernel, x, packed weights, channel params, quantization params)``. The kernels are
+``call_tir(kernel, x, packed weights, channel params, quantization params)``. Where a quantized
+layer's result feeds only another quantized layer, it crosses as uint8 codes: the producer's
+epilogue quantizes for the consumer, which skips its own input quantizer. The kernels are
 already scheduled and marked opaque, so fusion and MetaSchedule leave them alone while the FP32
 layers and glue ops around them fuse and are tuned as usual::
 
@@ -20,7 +22,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import kernels
-from .kernels import ActQuant, Config, Knobs
+from .kernels import ActQuant, Config, Io, Knobs
 from .layers import Layer, copy_module, layer_weights
 
 OPAQUE = 8   # relay/relax OpPatternKind kOpaque: FuseOps never fuses across the kernel
@@ -43,6 +45,9 @@ class Chain:
     bias: np.ndarray | None = None
     clamp: tuple[float, float] = (-np.inf, np.inf)
     absorbed: list[str] = field(default_factory=list)
+    inner: list[relax.Var] = field(default_factory=list)   # bindings the chain replaces, but its last
+    producer: "Chain | None" = None    # the chain whose result is x, if x feeds nothing else
+    consumer: "Chain | None" = None
 
 
 def _const(expr: relax.Expr) -> np.ndarray | None:
@@ -82,6 +87,13 @@ def _absorb(chain: Chain, var: relax.Var, value: relax.Expr) -> bool:
     return chain.clamp[0] <= chain.clamp[1]
 
 
+def integer_links(mod: tvm.IRModule) -> list[tuple[str, str]]:
+    """(producer, consumer) layer ids where one layer's result, after its epilogue, feeds only the other:
+    when both are quantized, the activation crosses between their kernels as codes."""
+    chains = find_chains(mod["main"], {w: layer for layer, w in layer_weights(mod)})
+    return [(c.producer.layer.id, c.layer.id) for c in chains.values() if c.producer is not None]
+
+
 def find_chains(func: relax.Function, layers: dict[relax.Expr, Layer]) -> dict[relax.Var, Chain]:
     """Chains keyed by the variable their result is bound to (the last absorbed binding)."""
     values: dict[relax.Var, relax.Expr] = {}
@@ -104,21 +116,30 @@ def find_chains(func: relax.Function, layers: dict[relax.Expr, Layer]) -> dict[r
             continue
         chain, end = Chain(layer, value.args[0], _const(value.args[1])), var
         while uses[end] == 1 and end in users and _absorb(chain, end, values[users[end][0]]):
+            chain.inner.append(end)
             end = users[end][0]
         chains[end] = chain
+    for chain in chains.values():
+        producer = chains.get(chain.x)
+        if producer is not None and uses[chain.x] == 1:
+            producer.consumer, chain.producer = chain, producer
     return chains
 
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: dict[str, LayerPlan], target: tvm.target.Target) -> None:
+    def __init__(self, mod: tvm.IRModule, plan: dict[str, LayerPlan], target: tvm.target.Target,
+                 codes: bool) -> None:
         super().__init__(mod)
-        self.plan, self.target, self.isa = plan, target, kernels.isa_of(target)
+        self.plan, self.target, self.isa, self.codes = plan, target, kernels.isa_of(target), codes
         self.chains: dict[relax.Var, Chain] = {}
+        self.replaced: set[relax.Var] = set()    # inner bindings of planned chains: dropped, not visited
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.records: list[dict] = []
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.replaced:   # its input may now be codes: the float op would not type-check
+            return
         chain = self.chains.get(binding.var)
         if chain is None or chain.layer.id not in self.plan:
             return super().visit_var_binding_(binding)
@@ -126,22 +147,31 @@ class _Rewriter(PyExprMutator):
         emit = self.builder_.emit if isinstance(binding.var, relax.DataflowVar) else self.builder_.emit_output
         self.set_var_remap(binding.var, emit(call, name_hint=binding.var.name))
 
+    def _quantized(self, chain: Chain | None) -> LayerPlan | None:
+        """The plan of a linked neighbour, if it is quantized (and codes may cross)."""
+        return self.plan.get(chain.layer.id) if chain is not None and self.codes else None
+
     def _kernel_call(self, chain: Chain, plan: LayerPlan, x: relax.Expr) -> relax.Call:
         layer, config = chain.layer, plan.config
         act = ActQuant.from_range(*plan.act_range, config.abits)
-        packed = kernels.pack(layer, config, plan.knobs, self.isa, chain.weight, chain.bias, act, chain.clamp)
-        key = (layer.workload, config, plan.knobs)
+        consumer = self._quantized(chain.consumer)
+        out_act = ActQuant.from_range(*consumer.act_range, consumer.config.abits) if consumer else None
+        io = Io(codes_in=self._quantized(chain.producer) is not None, codes_out=out_act is not None)
+        packed = kernels.pack(layer, config, plan.knobs, self.isa, chain.weight, chain.bias, act, chain.clamp, out_act)
+        key = (layer.workload, config, plan.knobs, io)
         if key not in self.kernels:
-            func = kernels.build(layer, config, plan.knobs, self.target)
+            func = kernels.build(layer, config, plan.knobs, self.target, io)
             func = func.with_attr({"op_pattern": OPAQUE, "tir.is_scheduled": True})
             name = f"ohq_{layer.op}_{config.name.lower()}_{len(self.kernels)}"
             self.kernels[key] = self.builder_.add_func(func.without_attr("global_symbol"), name)
         self.records.append({"layer": layer.id, "config": config.name, "kernel": self.kernels[key].name_hint,
                              "knobs": [plan.knobs.tile_w, plan.knobs.tile_o],
                              "act_scale": act.scale, "act_zero_point": act.zero_point,
-                             "clamp": [float(v) for v in chain.clamp], "epilogue": chain.absorbed})
+                             "clamp": [float(v) for v in chain.clamp], "epilogue": chain.absorbed,
+                             "input": "codes" if io.codes_in else "float",
+                             "output": f"codes of {chain.consumer.layer.id}" if io.codes_out else "float"})
         args = [x, *(relax.const(a) for a in (packed.w, packed.chan, packed.q))]
-        return relax.call_tir(self.kernels[key], args, relax.TensorType(layer.output_shape, "float32"))
+        return relax.call_tir(self.kernels[key], args, relax.TensorType(layer.output_shape, io.out_dtype))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ohq.QuantizeLayers")
@@ -150,19 +180,21 @@ class QuantizeLayers:
 
     `plan` maps layer ids (``ohq_tvm.layers.find_layers``) to the candidate, kernel knobs and input
     range; layers not in the plan stay FP32. After the pass, `records` describes each replaced layer
-    (kernel, scales, absorbed epilogue) for the build's sidecar.
+    (kernel, scales, absorbed epilogue, codes in / out) for the build's sidecar. `codes=False` keeps every
+    activation float between kernels (each kernel quantizes its own input), e.g. to compare.
     """
 
-    def __init__(self, plan: dict[str, LayerPlan], target: tvm.target.Target | None = None) -> None:
-        self.plan, self.target = plan, target
+    def __init__(self, plan: dict[str, LayerPlan], target: tvm.target.Target | None = None, codes: bool = True) -> None:
+        self.plan, self.target, self.codes = plan, target, codes
         self.records: list[dict] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         target = self.target or tvm.target.Target.current()
         if target is None:
             raise ValueError("QuantizeLayers needs a target (argument or `with target:`)")
-        rewriter = _Rewriter(copy_module(mod), self.plan, target)
+        rewriter = _Rewriter(copy_module(mod), self.plan, target, self.codes)
         rewriter.chains = find_chains(mod["main"], {w: layer for layer, w in layer_weights(mod)})
+        rewriter.replaced = {v for c in rewriter.chains.values() if c.layer.id in self.plan for v in c.inner}
         missing = set(self.plan) - {c.layer.id for c in rewriter.chains.values()}
         if missing:
             raise ValueError(f"planned layers not found in main: {', '.join(sorted(missing))}")

@@ -1,6 +1,7 @@
 """Load a compiled ``.so`` and run or time it; nothing but TVM's runtime is needed."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -12,7 +13,9 @@ from tvm import relax
 
 
 def set_threads(threads: int) -> None:
-    """Resize TVM's CPU thread pool (TVM_NUM_THREADS only applies at its first use)."""
+    """Resize TVM's CPU thread pool. The pool never grows beyond the TVM_NUM_THREADS it was created with
+    (default: half the logical cores), so that is set too, for a pool not created yet."""
+    os.environ["TVM_NUM_THREADS"] = str(int(threads))
     tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
 
 

@@ -50,13 +50,13 @@ def random_codes(rng, config, shape):
     return rng.integers(-qmax, qmax + 1, shape).astype(np.int8)
 
 
-def compile_kernel(layer, config, knobs):
-    func = kernels.build(layer, config, knobs, TARGET)
+def compile_kernel(layer, config, knobs, io=kernels.Io()):
+    func = kernels.build(layer, config, knobs, TARGET, io)
     return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
 
 
-def run(lib, layer, args):
-    out = tvm.runtime.tensor(np.zeros(layer.output_shape, np.float32))
+def run(lib, layer, args, dtype=np.float32):
+    out = tvm.runtime.tensor(np.zeros(layer.output_shape, dtype))
     lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
     return out.numpy()
 
@@ -98,23 +98,36 @@ def test_depthwise_and_grouped_bit_exact(config, layer, seed):
 
 
 @pytest.mark.parametrize("config", INT_CONFIGS, ids=lambda c: c.name)
-def test_float_io_matches_simulation(config):
-    """Real weights, scales, bias and ReLU6: the compiled kernel equals the numpy simulation."""
+def test_float_and_codes_io_match_simulation(config):
+    """Real weights, scales, bias and ReLU6: the compiled kernel equals the numpy simulation, with float
+    input and output; with the input as codes (the same result); and handing the consumer its codes
+    (bit-exact vs the model, and the float round trip's codes but at near-ties)."""
     rng = np.random.default_rng(7)
-    for layer in (conv_layer(24, 16, 10, 10, 3, 2, (0, 0, 1, 1)), dense_layer(1, 96, 24),
+    for layer in (conv_layer(24, 16, 10, 10, 3, 2, (0, 0, 1, 1)), dense_layer(3, 96, 24),
                   conv_layer(16, 16, 8, 8, 3, 1, (1, 1, 1, 1), groups=16)):
         if kernels.family(layer, config) is None:
             continue
         weight = rng.standard_normal(layer.weight_shape).astype(np.float32)
         bias = rng.standard_normal(layer.output_shape[-1]).astype(np.float32)
         x = rng.uniform(-1, 3, layer.input_shape).astype(np.float32)
-        act = ActQuant.from_range(-1, 3, config.abits)
+        act, consumer = ActQuant.from_range(-1, 3, config.abits), ActQuant.from_range(0, 4.5, config.abits)
         knobs = kernels.knob_space(layer, config, ISA)[0]
         packed = kernels.pack(layer, config, knobs, ISA, weight, bias, act, clamp=(0.0, 6.0))
-        got = run(compile_kernel(layer, config, knobs), layer, (x, packed.w, packed.chan, packed.q))
+        args = (packed.w, packed.chan, packed.q)
+        floats = run(compile_kernel(layer, config, knobs), layer, (x, *args))
         want = kernels.simulate(layer, packed, x)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-        assert 0 <= got.min() and got.max() <= 6
+        np.testing.assert_allclose(floats, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        assert 0 <= floats.min() and floats.max() <= 6
+        codes_in = run(compile_kernel(layer, config, knobs, kernels.Io(codes_in=True)), layer, (act.quantize(x), *args))
+        np.testing.assert_array_equal(codes_in, floats)
+
+        handing = kernels.pack(layer, config, knobs, ISA, weight, bias, act, (0.0, 6.0), out_act=consumer)
+        codes_out = run(compile_kernel(layer, config, knobs, kernels.Io(codes_out=True)), layer,
+                        (x, handing.w, handing.chan, handing.q), np.uint8)
+        np.testing.assert_array_equal(codes_out, kernels.simulate(layer, handing, x))
+        round_trip = consumer.quantize(floats).astype(int)
+        assert np.abs(codes_out - round_trip).max() <= 1 and np.mean(codes_out != round_trip) < 0.01
+        assert codes_out.max() > 0
 
 
 @pytest.mark.parametrize("config, mcpu, instruction", [

@@ -65,3 +65,20 @@ def test_unplanned_layers_stay_and_the_input_module_is_untouched():
         [r["layer"] for r in rewrite.records] == sorted(plan)
     with pytest.raises(Exception, match="conv2d99"):
         QuantizeLayers({"conv2d99": plan[layers[1].id]}, TARGET.tvm)(imported.mod)
+
+
+def test_quantized_neighbours_pass_codes():
+    """Where a quantized layer feeds only another, the activation crosses as uint8 codes, and the model
+    computes what it computes with float activations between the kernels (up to near-tie roundings)."""
+    imported = load_onnx(FMNIST)
+    layers = find_layers(imported.mod)
+    config = kernels.parse_config("W8A8")
+    plan = {l.id: LayerPlan(config, kernels.knob_space(l, config, ISA)[0], (-1.0, 4.0)) for l in layers}
+    linked, floats = QuantizeLayers(plan, TARGET.tvm), QuantizeLayers(plan, TARGET.tvm, codes=False)
+    x = np.random.default_rng(0).uniform(0, 1, (1, 1, 28, 28)).astype(np.float32)
+    got, want = run(linked(imported.mod), x), run(floats(imported.mod), x)
+    handed = [r["layer"] for r in linked.records if r["output"] != "float"]
+    assert handed == sorted(l.id for l in layers if l.codes_out) and len(handed) >= 2
+    assert sum(r["input"] == "codes" for r in linked.records) == len(handed)
+    assert all(r["input"] == r["output"] == "float" for r in floats.records)
+    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())

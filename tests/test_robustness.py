@@ -59,6 +59,9 @@ def test_operators_kept_fp32_are_counted():
     ops = ("Conv", "BatchNormalization", "Relu", "Conv", "MatMul", "Add", "Relu")
     assert kept_fp32(ops, quantized=2) == {"Relu": 2, "Add": 1, "Conv/MatMul without constant weights": 1}
     assert kept_fp32(("Conv", "Gemm"), quantized=2) == {}
+    absorbed = [{"epilogue": ["add", "relu"]}, {"epilogue": ["add"]}]      # one ReLU in a kernel's epilogue
+    assert kept_fp32(ops, quantized=2, records=absorbed) == {"Relu": 1, "Add": 1,
+                                                            "Conv/MatMul without constant weights": 1}
 
 
 def test_missing_cross_compiler_is_one_line_exit_2(tmp_path):

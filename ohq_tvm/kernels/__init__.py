@@ -11,7 +11,9 @@
 | FP32       | FP32                | MetaSchedule (ohq_tvm.tune), the fallback and the reference  |
 
 Every kernel quantizes its float input itself and ends in the float epilogue (scale, bias with the
-zero-point correction, clamp), so its measured time is what the layer costs in the network.
+zero-point correction, clamp), so its measured time is what the layer costs in the network; between
+two integer kernels (`Io`) the producer's epilogue quantizes for the consumer instead and the
+activation crosses as uint8 codes, with no float round trip.
 The scheme (symmetric per-channel weights, asymmetric per-tensor activations) is in `scheme`.
 """
 from __future__ import annotations
@@ -23,11 +25,11 @@ import tvm
 
 from ..layers import Layer
 from . import bitserial, conv, grouped
-from .conv import Geometry, Knobs
+from .conv import Geometry, Io, Knobs
 from .isa import Isa, isa_of
 from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
 
-__all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Isa", "Knobs", "Packed", "build", "family",
+__all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs", "Packed", "build", "family",
            "isa_of", "knob_space", "ohwi", "pack", "pack_codes", "parse_config", "simulate"]
 
 
@@ -47,16 +49,17 @@ def knob_space(layer: Layer, config: Config, isa: Isa) -> list[Knobs]:
             "grouped": lambda: grouped.knob_space(g, isa)}[family(layer, config)]()
 
 
-def build(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+def build(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target, io: Io = Io()
+          ) -> tvm.tirx.PrimFunc:
     """The scheduled PrimFunc kernel(x, w, chan, q) -> out of `layer` at `config`."""
     g, isa = Geometry.of(layer), isa_of(target)
     kind = family(layer, config)
     if kind == "dot":
-        return conv.dot_kernel(g, layer.input_shape, isa, knobs, config.wbits)
+        return conv.dot_kernel(g, layer.input_shape, isa, knobs, config.wbits, io)
     if kind == "bitserial":
-        return bitserial.bitserial_kernel(g, layer.input_shape, isa, knobs, config.abits, config.wbits)
+        return bitserial.bitserial_kernel(g, layer.input_shape, isa, knobs, config.abits, config.wbits, io)
     if kind == "grouped":
-        return grouped.grouped_kernel(g, layer.input_shape, isa, knobs)
+        return grouped.grouped_kernel(g, layer.input_shape, isa, knobs, io)
     raise ValueError(f"no integer kernel for {config.name} on {layer.id} ({layer.kind})")
 
 
@@ -68,6 +71,7 @@ class Packed:
     q: np.ndarray          # f32 [4]: 1/activation scale, zero point, clamp lo, clamp hi
     codes: np.ndarray      # signed weight codes [O, KH, KW, C/groups]
     act: ActQuant
+    out_act: ActQuant | None = None    # the consumer's quantizer, folded into chan and the clamp (codes out)
 
 
 def pack_codes(layer: Layer, config: Config, knobs: Knobs, isa: Isa, codes: np.ndarray) -> np.ndarray:
@@ -86,26 +90,37 @@ def ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
 
 
 def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarray, bias: np.ndarray | None,
-         act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf)) -> Packed:
-    """Quantize `weight` (the layer's float weight, as the graph holds it) and lay it out for the kernel."""
+         act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf), out_act: ActQuant | None = None) -> Packed:
+    """Quantize `weight` (the layer's float weight, as the graph holds it) and lay it out for the kernel.
+    `out_act`: the consumer's input quantizer, when the kernel hands it codes (`Io.codes_out`): folded into
+    the channel scale and offset, and the clamp becomes the code range (quantizing is monotonic)."""
     codes, wscale = quantize_weights(ohwi(layer, weight), config.wbits,
                                      reduce_range=isa.reduce_range and family(layer, config) == "dot")
     o = codes.shape[0]
     scale = (np.float32(act.scale) * wscale).astype(np.float32)
     bias = np.zeros(o, np.float32) if bias is None else bias.astype(np.float32)
     offset = bias - scale * np.float32(act.zero_point) * codes.reshape(o, -1).sum(1).astype(np.float32)
+    offset = offset.astype(np.float32)
+    if out_act is not None:
+        inv, z = out_act.inv_scale, np.float32(out_act.zero_point)
+        scale, offset = scale * inv, offset * inv + z
+        clamp = (max(float(np.rint(np.float32(clamp[0]) * inv) + z), 0.0) if np.isfinite(clamp[0]) else 0.0,
+                 min(float(np.rint(np.float32(clamp[1]) * inv) + z), 2.0 ** out_act.bits - 1) if np.isfinite(clamp[1])
+                 else 2.0 ** out_act.bits - 1)
     w = pack_codes(layer, config, knobs, isa, codes)
     q = np.array([act.inv_scale, act.zero_point, clamp[0], clamp[1]], np.float32)
-    return Packed(w, np.stack([scale, offset.astype(np.float32)]), q, codes, act)
+    return Packed(w, np.stack([scale, offset]), q, codes, act, out_act)
 
 
 def simulate(layer: Layer, packed: Packed, x: np.ndarray) -> np.ndarray:
-    """numpy model of the kernel: integer-exact core, then the same float32 epilogue."""
+    """numpy model of the kernel: integer-exact core, then the same float32 epilogue (codes out: rounded)."""
     g = Geometry.of(layer)
     qa = packed.act.quantize(x).reshape(g.n, g.h, g.w, g.c)
     z = packed.act.zero_point
     # kernels accumulate sum qa * q (zero point included) and subtract z * sum q in the offset
     raw = conv_reference(qa, z, packed.codes, g.strides, g.padding, g.groups) \
         + z * packed.codes.reshape(len(packed.codes), -1).sum(1).astype(np.int64)
-    y = raw.astype(np.float32) * packed.chan[0] + packed.chan[1]
-    return np.clip(y, packed.q[2], packed.q[3]).reshape(layer.output_shape)
+    # float64 then float32: the kernels' fused multiply-add rounds once
+    y = (raw.astype(np.float32).astype(np.float64) * packed.chan[0] + packed.chan[1]).astype(np.float32)
+    y = np.clip(y, packed.q[2], packed.q[3]).reshape(layer.output_shape)
+    return np.rint(y).astype(np.uint8) if packed.out_act else y

@@ -15,7 +15,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
-from .conv import Geometry, Knobs, _ceil, quantized_input
+from .conv import Geometry, Io, Knobs, _ceil, epilogue_value, quantized_input
 from .isa import Isa
 
 
@@ -32,15 +32,15 @@ def knob_space(g: Geometry, isa: Isa, abits: int, wbits: int) -> list[Knobs]:
     return tiles[:6] or [Knobs(1, 1)]
 
 
-def bitserial_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, abits: int, wbits: int
-                     ) -> tvm.tirx.PrimFunc:
+def bitserial_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, abits: int, wbits: int,
+                     io: Io = Io()) -> tvm.tirx.PrimFunc:
     assert g.groups == 1
     lanes, nb = isa.lanes, knobs.tile_o
     words = _ceil(g.c, 32) // 32
     o_pad = _ceil(g.o, lanes * nb)
     alpha, offset = weight_offset(wbits)
 
-    x = te.placeholder(x_shape, "float32", name="x")
+    x = te.placeholder(x_shape, io.in_dtype, name="x")
     w = te.placeholder((o_pad // (lanes * nb), g.kh, g.kw, wbits, words, nb * lanes), "uint32", name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
@@ -70,7 +70,7 @@ def bitserial_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Kno
     def epilogue(*idx):
         n, h, w_, o = idx if image else (0, 0, idx[0], idx[1])
         acc = dot[n, h, w_, o] * alpha - window[n, h, w_] * offset
-        return te.max(te.min(acc.astype("float32") * chan[0, o] + chan[1, o], q[3]), q[2])
+        return epilogue_value(acc.astype("float32") * chan[0, o] + chan[1, o], q, io)
     out = te.compute(out_shape, epilogue, name="out")
     return _schedule(te.create_prim_func([x, w, chan, q, out]), isa, knobs, abits, wbits)
 

@@ -6,6 +6,8 @@ A layer (conv2d NHWC/OHWI, or matmul seen as a 1x1 conv over rows) becomes one P
 
 with chan = (scale, offset) per output channel (offset folds bias and the zero-point correction)
 and q = (1/activation scale, zero point, clamp lo, clamp hi), so identical shapes share a kernel.
+Between two integer kernels the activation stays integer (`Io`): the producer's epilogue rounds to
+the consumer's codes (its quantizer folded into chan and the clamp), which the consumer takes as x.
 Weights with fewer than 8 bits are packed several to a byte and unpacked in registers
 (`wbits`); the arithmetic is the same dot product, so it is one template for W8A8, W4A8, W2A8.
 """
@@ -64,6 +66,26 @@ class Geometry:
 
 
 @dataclass(frozen=True)
+class Io:
+    """How a kernel meets its neighbours: float tensors, or the activation codes integer kernels pass on."""
+    codes_in: bool = False   # x holds this layer's uint8 input codes (its producer quantized them)
+    codes_out: bool = False  # out holds the consumer's uint8 input codes (its quantizer folded in by `pack`)
+
+    @classmethod
+    def of(cls, layer: Layer) -> "Io":
+        """The form `layer` takes in its network when its neighbours are quantized too (what OQA times)."""
+        return cls(layer.codes_in, layer.codes_out)
+
+    @property
+    def in_dtype(self) -> str:
+        return "uint8" if self.codes_in else "float32"
+
+    @property
+    def out_dtype(self) -> str:
+        return "uint8" if self.codes_out else "float32"
+
+
+@dataclass(frozen=True)
 class Knobs:
     tile_w: int     # output pixels per register tile
     tile_o: int     # vector registers of output channels per tile (NB)
@@ -87,16 +109,26 @@ def quantized_input(x: te.Tensor, g: Geometry, q: te.Tensor, qmax: int, dtype: s
     """(n, h, w, c) of the padded NHWC image -> activation code, for every template's input stage.
 
     Spatial padding is the code of 0.0 (the zero point q[1]); channels padded beyond g.c are code 0,
-    so they add nothing whatever their (e.g. bipolar) weight.
+    so they add nothing whatever their (e.g. bipolar) weight. A uint8 x already holds the codes.
     """
     view, top, left = _input_view(x, g), g.padding[0], g.padding[1]
 
     def code(n, h, w, c):
         inside = tvm.tirx.all(h >= top, h < g.h + top, w >= left, w < g.w + left)
+        if x.dtype == "uint8":
+            value = tvm.tirx.if_then_else(inside, view(n, h - top, w - left, c).astype(dtype), q[1].astype(dtype))
+            return tvm.tirx.if_then_else(c < g.c, value, tvm.tirx.const(0, dtype))
         value = te.max(te.min(te.round(view(n, h - top, w - left, c) * q[0]) + q[1], float(qmax)), 0.0)
         value = tvm.tirx.if_then_else(inside, value, q[1])
         return tvm.tirx.if_then_else(c < g.c, value, 0.0).astype(dtype)
     return code
+
+
+def epilogue_value(y, q: te.Tensor, io: Io):
+    """The epilogue's clamp; for codes out (consumer's quantizer folded in by `pack`), rounded to codes."""
+    y = te.max(te.min(y, q[3]), q[2])
+    # nearbyint, and through int32: te.round or a float -> uint8 cast here would not vectorize
+    return tvm.tirx.nearbyint(y).astype("int32").astype("uint8") if io.codes_out else y
 
 
 def _input_view(x: te.Tensor, g: Geometry):
@@ -106,7 +138,8 @@ def _input_view(x: te.Tensor, g: Geometry):
     return lambda n, h, w, c: x[w, c]
 
 
-def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wbits: int = 8) -> tvm.tirx.PrimFunc:
+def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wbits: int = 8, io: Io = Io()
+               ) -> tvm.tirx.PrimFunc:
     """Quantize (8-bit activations) + dense conv / matmul with a u8 x s8 dot-4 inner product."""
     assert g.groups == 1
     lanes, nb = isa.lanes, knobs.tile_o
@@ -114,13 +147,17 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
     c4 = _ceil(g.c, 4 * per)
     o_pad = _ceil(g.o, lanes * nb)
 
-    x = te.placeholder(x_shape, "float32", name="x")
+    x = te.placeholder(x_shape, io.in_dtype, name="x")
     w_dtype = "int8" if wbits == 8 else "uint8"
     w = te.placeholder((o_pad // (lanes * nb), g.kh, g.kw, c4 // (4 * per), nb, lanes, 4), w_dtype, name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
 
-    a = te.compute((g.n, g.hp, g.wp, c4), quantized_input(x, g, q, 255, "uint8"), name="a")
+    if io.codes_in and g.hp == g.h and g.wp == g.w and c4 == g.c:
+        a = _input_view(x, g)       # the codes as they come: no padding to add, no copy
+    else:
+        codes = te.compute((g.n, g.hp, g.wp, c4), quantized_input(x, g, q, 255, "uint8"), name="a")
+        a = lambda n, h, w_, c: codes[n, h, w_, c]   # noqa: E731
 
     if wbits == 8:
         wu = w
@@ -137,7 +174,7 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
     ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, c4), "rc")
     sh, sw = g.strides
     acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
-        a[n, h * sh + ry, w_ * sw + rx, rc].astype("int32")
+        a(n, h * sh + ry, w_ * sw + rx, rc).astype("int32")
         * wu[o // (lanes * nb), ry, rx, rc // 4, (o // lanes) % nb, o % lanes, rc % 4].astype("int32"),
         axis=[ry, rx, rc]), name="acc")
     out_shape = (g.n, g.oh, g.ow, g.o) if len(x_shape) == 4 else (g.ow, g.o)
@@ -145,8 +182,7 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
 
     def epilogue(*idx):
         n, h, w_, o = out_index(*idx)
-        y = acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o]
-        return te.max(te.min(y, q[3]), q[2])
+        return epilogue_value(acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q, io)
     out = te.compute(out_shape, epilogue, name="out")
     return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits)
 
@@ -154,7 +190,8 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
 def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -> tvm.tirx.PrimFunc:
     unpack = wbits != 8
     sch = s_tir.Schedule(func)
-    schedule_elementwise(sch, sch.get_sblock("a"))
+    if any(sch.get(b).name_hint == "a" for b in sch.get_child_blocks(sch.get_sblock("root"))):
+        schedule_elementwise(sch, sch.get_sblock("a"))
     acc = sch.get_sblock("acc")
     n, h, w, o, ry, rx, rc = sch.get_loops(acc)
     wo, wi = sch.split(w, [None, knobs.tile_w])

@@ -10,7 +10,7 @@ import tvm
 import tvm.s_tir as s_tir
 from tvm import te
 
-from .conv import Geometry, Knobs, _ceil, _vectorize_inner, quantized_input, schedule_elementwise
+from .conv import Geometry, Io, Knobs, _ceil, _vectorize_inner, epilogue_value, quantized_input, schedule_elementwise
 from .isa import Isa
 
 
@@ -22,10 +22,10 @@ def knob_space(g: Geometry, isa: Isa) -> list[Knobs]:
     return tiles[:6] or [Knobs(1, 1)]
 
 
-def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs) -> tvm.tirx.PrimFunc:
+def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, io: Io = Io()) -> tvm.tirx.PrimFunc:
     og, cg = g.o // g.groups, g.c // g.groups
     o_pad = _ceil(g.o, isa.lanes * knobs.tile_o)
-    x = te.placeholder(x_shape, "float32", name="x")
+    x = te.placeholder(x_shape, io.in_dtype, name="x")
     w = te.placeholder((g.kh, g.kw, cg, o_pad), "int8", name="w")
     chan = te.placeholder((2, g.o), "float32", name="chan")
     q = te.placeholder((4,), "float32", name="q")
@@ -37,8 +37,8 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
     acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
         a[n, h * sh + ry, w_ * sw + rx, channel(o, rc)].astype("int32") * w[ry, rx, rc, o].astype("int32"),
         axis=[ry, rx, rc]), name="acc")
-    out = te.compute((g.n, g.oh, g.ow, g.o), lambda n, h, w_, o: te.max(te.min(
-        acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q[3]), q[2]), name="out")
+    out = te.compute((g.n, g.oh, g.ow, g.o), lambda n, h, w_, o: epilogue_value(
+        acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q, io), name="out")
 
     sch = s_tir.Schedule(te.create_prim_func([x, w, chan, q, out]))
     schedule_elementwise(sch, sch.get_sblock("a"))
