@@ -25,6 +25,7 @@ class Layer:
     groups: int = 1
     codes_in: bool = False           # its input is another layer's result only: codes when both are quantized
     codes_out: bool = False          # its result feeds another layer only
+    input_bounds: tuple[float, float] | None = None   # codes_in from a clamping producer: its clamp, e.g. ReLU6
 
     @property
     def macs(self) -> int:
@@ -89,9 +90,10 @@ def find_layers(mod: tvm.IRModule) -> list[Layer]:
     """The table, with the links along which quantized layers pass each other codes (measured so)."""
     from .rewrite import integer_links    # the rewrite's epilogue chains decide what is linked
     links = integer_links(mod)
-    producers, consumers = {p for p, _ in links}, {c for _, c in links}
-    return [replace(layer, codes_in=layer.id in consumers, codes_out=layer.id in producers)
-            for layer, _ in layer_weights(mod)]
+    producers = {p for p, _ in links.values()}
+    bounds = {c: clamp for c, (_, clamp) in links.items() if np.isfinite(clamp).all()}
+    return [replace(layer, codes_in=layer.id in links, codes_out=layer.id in producers,
+                    input_bounds=bounds.get(layer.id)) for layer, _ in layer_weights(mod)]
 
 
 def layer_weights(mod: tvm.IRModule) -> list[tuple[Layer, relax.Expr]]:

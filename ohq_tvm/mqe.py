@@ -3,11 +3,13 @@
 1. Synthetic inputs. If the ONNX model still carries BatchNormalization nodes, inputs are distilled
    (ZeroQ): starting from noise, Adam descends sum_k |mean_k - mu_k|^2 + |std_k - sigma_k|^2 over the
    per-channel batch statistics of every BN input, gradients from `relax.transform.Gradient`.
-   Otherwise: smooth Gaussian noise with the mean and spread of the model's input range.
+   Otherwise: noise with natural images' statistics (1/f amplitude spectrum, channels mostly one
+   shared luminance field) and the mean and spread of the model's input range.
    `calibration_data` (a folder of images, an .npy/.npz array) replaces both.
-2. Ranges. The range of each layer's input activation is its [0.01, 99.99] percentile over all
+2. Ranges. The range of each layer's input activation is its [0.001, 99.999] percentile over all
    values of the calibration batch (min and max clipped at those percentiles; 0 stays inside, see
-   `ActQuant.from_range`). Weights are quantized per output channel exactly as the kernels do.
+   `ActQuant.from_range`); a layer fed only by another's clamp (ReLU6) takes the clamp's range: real
+   inputs fill it where synthetic ones fall short deep in the network. Weights are quantized per output channel exactly as the kernels do.
 3. The mask. One compiled fake-quant simulation of the network: every quantizable layer's weight is
    a runtime parameter (FP32, or its quantized-dequantized copy) and its input passes through
    x + e * (dequant(quant(x)) - x) with (1/scale, zero point, qmax, e, scale) a row of a runtime
@@ -41,7 +43,7 @@ from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
-CLIP_PERCENTILE = 0.01          # activation ranges: [p, 100 - p] percentiles of the layer input
+CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
 
 
 @dataclass(frozen=True)
@@ -89,16 +91,24 @@ def cache_key(model: str | Path, configs: list[Config], method: str, samples: in
 
 def noise_inputs(shape: tuple[int, ...], samples: int, seed: int = 0,
                  input_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """Spatially smooth Gaussian noise centred in `input_range`, std a quarter of its width, clipped to it."""
+    """Noise centred in `input_range`, std a quarter of its width, clipped to it. Images (NCHW) get natural
+    images' statistics: a 1/f amplitude spectrum (edges at every scale) and channels that are mostly one
+    shared luminance field, chroma 0.3 of it."""
     rng = np.random.default_rng(seed)
     lo, hi = input_range
-    x = rng.standard_normal((samples, *shape[1:])).astype(np.float32)
-    if len(shape) == 4:   # natural images are low-pass: blur with a separable [1 4 6 4 1] kernel, twice
-        k = np.array([1, 4, 6, 4, 1], np.float32) / 16
-        for _ in range(2):
-            for axis in (2, 3):
-                x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="same"), axis, x)
-        x /= x.std(axis=(1, 2, 3), keepdims=True) + 1e-8
+    if len(shape) == 4:
+        n, c, h, w = samples, *shape[1:]
+        f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
+        f[0, 0] = 1.0 / max(h, w)
+
+        def field(count: int) -> np.ndarray:
+            spectrum = (rng.standard_normal((count, *f.shape)) + 1j * rng.standard_normal((count, *f.shape))) / f
+            x = np.fft.irfft2(spectrum, s=(h, w))
+            return (x - x.mean((1, 2), keepdims=True)) / (x.std((1, 2), keepdims=True) + 1e-8)
+        x = field(n)[:, None] + 0.3 * field(n * c).reshape(n, c, h, w)
+    else:
+        x = rng.standard_normal((samples, *shape[1:]))
+    x /= x.std(axis=tuple(range(1, x.ndim)), keepdims=True) + 1e-8
     return np.clip((lo + hi) / 2 + x * (hi - lo) / 4, lo, hi).astype(np.float32)
 
 
@@ -346,6 +356,9 @@ def ranges_of(layers: list[Layer], inputs: list, percentile: float = CLIP_PERCEN
     """Per layer: [p, 100 - p] percentiles of its input values over the batch (the clipping rule)."""
     ranges = {}
     for i, layer in enumerate(layers):
+        if layer.input_bounds is not None:     # the producer's clamp bounds it; real inputs fill it
+            ranges[layer.id] = layer.input_bounds
+            continue
         lo, hi = np.percentile(layer_input(inputs, i), [percentile, 100 - percentile])
         ranges[layer.id] = (float(lo), float(hi))
     return ranges
