@@ -117,8 +117,7 @@ def plot_bits(report: Report, path: Path) -> None:
     ax.set_yticks([1, 2, 4, 8, 16], ["1", "2", "4", "8", "FP32"])
     ax.set_ylabel("bits")
     ax.set_title(f"{report.model}: bit-widths per layer")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -140,7 +139,8 @@ def plot_pareto(report: Report, path: Path) -> None:
     ax.set_ylabel(f"estimated loss ({report.sensitivity})")
     ax.set_yscale("symlog", linthresh=1e-4)
     ax.set_title(f"{report.model}: latency vs estimated loss")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:     # e.g. --uniform: nothing was solved
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
