@@ -89,11 +89,12 @@ class _Collector(PyExprVisitor):
 def find_layers(mod: tvm.IRModule) -> list[Layer]:
     """The table, with the links along which quantized layers pass each other codes (measured so)."""
     from .rewrite import integer_links    # the rewrite's epilogue chains decide what is linked
-    links = integer_links(mod)
+    pairs = layer_weights(mod)
+    links = integer_links(mod["main"], {w: layer for layer, w in pairs})
     producers = {p for p, _ in links.values()}
     bounds = {c: clamp for c, (_, clamp) in links.items() if np.isfinite(clamp).all()}
     return [replace(layer, codes_in=layer.id in links, codes_out=layer.id in producers,
-                    input_bounds=bounds.get(layer.id)) for layer, _ in layer_weights(mod)]
+                    input_bounds=bounds.get(layer.id)) for layer, _ in pairs]
 
 
 def layer_weights(mod: tvm.IRModule) -> list[tuple[Layer, relax.Expr]]:

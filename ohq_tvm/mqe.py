@@ -9,7 +9,8 @@
 2. Ranges. The range of each layer's input activation is its [0.001, 99.999] percentile over all
    values of the calibration batch (min and max clipped at those percentiles; 0 stays inside, see
    `ActQuant.from_range`); a layer fed only by another's clamp (ReLU6) takes the clamp's range: real
-   inputs fill it where synthetic ones fall short deep in the network. Weights are quantized per output channel exactly as the kernels do.
+   inputs fill it where synthetic ones fall short deep in the network. Weights are quantized per
+   output channel exactly as the kernels do.
 3. The mask. One compiled fake-quant simulation of the network: every quantizable layer's weight is
    a runtime parameter (FP32, or its quantized-dequantized copy) and its input passes through
    x + e * (dequant(quant(x)) - x) with (1/scale, zero point, qmax, e, scale) a row of a runtime

@@ -87,10 +87,10 @@ def _absorb(chain: Chain, var: relax.Var, value: relax.Expr) -> bool:
     return chain.clamp[0] <= chain.clamp[1]
 
 
-def integer_links(mod: tvm.IRModule) -> dict[str, tuple[str, tuple[float, float]]]:
+def integer_links(func: relax.Function, layers: dict[relax.Expr, Layer]) -> dict[str, tuple[str, tuple[float, float]]]:
     """consumer layer id -> (producer layer id, the producer's clamp) where one layer's result, after its
     epilogue, feeds only the other: when both are quantized, the activation crosses as codes."""
-    chains = find_chains(mod["main"], {w: layer for layer, w in layer_weights(mod)})
+    chains = find_chains(func, layers)
     return {c.layer.id: (c.producer.layer.id, c.producer.clamp) for c in chains.values() if c.producer is not None}
 
 

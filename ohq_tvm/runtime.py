@@ -83,12 +83,11 @@ def time_in_fresh_process(paths: list[str | Path], shape: tuple[int, ...], threa
     """`time_side_by_side` in a new Python process: the compiler's own threads and pools (XGBoost, LLVM,
     MetaSchedule workers) made in-process timings swing by up to 2x."""
     import json
-    import os
     import subprocess
     import sys
     command = [sys.executable, "-m", "ohq_tvm.runtime", *map(str, paths), "--shape", ",".join(map(str, shape)),
                "--threads", str(threads), "--rounds", str(rounds)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TVM_NUM_THREADS": str(threads)})
+    result = subprocess.run(command, capture_output=True, text=True)     # its set_threads sizes the pool
     if result.returncode != 0:
         raise RuntimeError(f"timing process failed: {result.stderr.strip()[-500:]}")
     return json.loads(result.stdout)["ms"]

@@ -102,11 +102,8 @@ def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarra
     offset = bias - scale * np.float32(act.zero_point) * codes.reshape(o, -1).sum(1).astype(np.float32)
     offset = offset.astype(np.float32)
     if out_act is not None:
-        inv, z = out_act.inv_scale, np.float32(out_act.zero_point)
-        scale, offset = scale * inv, offset * inv + z
-        clamp = (max(float(np.rint(np.float32(clamp[0]) * inv) + z), 0.0) if np.isfinite(clamp[0]) else 0.0,
-                 min(float(np.rint(np.float32(clamp[1]) * inv) + z), 2.0 ** out_act.bits - 1) if np.isfinite(clamp[1])
-                 else 2.0 ** out_act.bits - 1)
+        scale, offset = scale * out_act.inv_scale, offset * out_act.inv_scale + np.float32(out_act.zero_point)
+        clamp = tuple(float(c) for c in out_act.quantize(np.array(clamp, np.float32)))   # +-inf: the code range
     w = pack_codes(layer, config, knobs, isa, codes)
     q = np.array([act.inv_scale, act.zero_point, clamp[0], clamp[1]], np.float32)
     return Packed(w, np.stack([scale, offset]), q, codes, act, out_act)
