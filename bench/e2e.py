@@ -133,6 +133,9 @@ def bench_model(model: str, rounds: int) -> list[dict]:
             if s["report"] is not None:
                 rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                              "metric": "config", "value": s["report"].config})
+                if s["report"].mix_loss is not None:     # the flow's own data-free estimate of the KL
+                    rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
+                                 "metric": "estimated_kl", "value": round(s["report"].mix_loss, 5)})
     return rows
 
 

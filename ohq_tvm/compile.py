@@ -41,12 +41,14 @@ class Options:
     """What the flow may choose and how it judges the choice."""
     bits: tuple[int, ...] = (8, 4, 2, 1)        # allowed weight / activation bit-widths
     latency_budget: str | None = None           # "0.75" (of uniform INT8) or "12.5ms"; None: the fastest
-                                                # configuration with no more estimated loss than uniform INT8
+                                                # configuration whose whole-model estimated loss is <= max_loss x INT8
     size_budget: int | None = None              # weight bytes
     exclude: tuple[str, ...] = ()               # "conv2d0" (kept FP32) or "conv2d0=W8A8"
     uniform: str | None = None                  # one candidate for every layer, no solving ("FP32": no quantization)
     config: dict[str, str] | None = None        # a given per-layer choice (e.g. a previous run's sidecar)
     sensitivity: str = "mqe"
+    max_loss: float | None = None               # whole-model estimated loss at most this x uniform INT8's
+                                                # (default 1 without a latency budget, unchecked with one)
     calibration_data: str | Path | None = None
     samples: int = 8
     seed: int = 0
@@ -136,10 +138,9 @@ class Flow:
     def measure(self, configs, fp32_scheduled) -> dict[str, dict[str, dict]]:
         """OQA: layer id -> candidate -> {"ms", "knobs"} (unavailable candidates absent)."""
         runner = rpc_runner(*self.options.rpc, 60) if self.options.rpc else None
-        fp32 = tune.layer_kernels(fp32_scheduled)
-        if len(fp32) != len(self.layers):
-            self.console.print(f"[yellow]FP32 kernels not matched to layers ({len(fp32)} vs {len(self.layers)})")
-            fp32 = None
+        fp32 = tune.layer_kernels(fp32_scheduled, self.layers)
+        if fp32 is None:
+            self.console.print("[yellow]FP32 kernels not matched to layers: FP32 not timed")
         log = TuningLog(self.work_dir / self.target.key / "oqa.jsonl", self.target)
         from rich.progress import Progress
         with Progress(console=self.console, transient=True) as progress:
@@ -152,24 +153,52 @@ class Flow:
                              if ms is not None} for t in result.layers}
 
     def estimate(self, configs) -> mqe.Sensitivity:
-        """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs)."""
-        host = self.target if self.target.native else parse_target("llvm", self.target.threads)
+        """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs).
+        Distilled inputs, slow to make, are cached beside (the whole-model check scores on them)."""
+        host = self.host
         o = self.options
         key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
                             kernels.isa_of(host.tvm).reduce_range)
         cache = self.work_dir / host.key / "mqe" / f"{key}.json"
+        inputs = self.inputs_cache = cache.with_suffix(".inputs.npy")
         if cache.is_file():
             try:
-                return mqe.Sensitivity.from_json(json.loads(cache.read_text()))
-            except (ValueError, KeyError, TypeError):
+                result = mqe.Sensitivity.from_json(json.loads(cache.read_text()))
+                result.inputs = np.load(inputs) if inputs.is_file() else None
+                return result
+            except (ValueError, KeyError, TypeError, OSError):
                 self.console.print(f"[yellow]{cache}: corrupt MQE cache ignored")
         with self.console.status(f"MQE: {o.sensitivity} over {len(self.layers)} layers"):
             result = mqe.estimate(self.model, self.imported, self.layers, configs, host, method=o.sensitivity,
                                   calibration_data=o.calibration_data, samples=o.samples, seed=o.seed,
                                   work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS))
         cache.parent.mkdir(parents=True, exist_ok=True)
+        self._keep_inputs(result.inputs, result.calibration.source)
         report.write_text(cache, json.dumps(result.to_json()))
         return result
+
+    def _keep_inputs(self, x: np.ndarray, source: str) -> None:
+        if source == "distilled":
+            self.inputs_cache.parent.mkdir(parents=True, exist_ok=True)
+            build.atomic_write(self.inputs_cache, lambda path: np.save(path, x))
+
+    def mix_loss(self, sens: mqe.Sensitivity) -> mqe.MixLoss:
+        """The whole-model check of a configuration, on the inputs MQE scored with."""
+        o = self.options
+        x = sens.inputs
+        if x is None:     # a cache from before inputs were kept
+            _, x, source = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data, o.samples,
+                                              o.seed, macs=sum(layer.macs for layer in self.layers))
+            self._keep_inputs(x, source)
+        with self.console.status("MQE: building the whole-model check"):
+            sim = mqe.Simulation(self.imported, self.layers, self.host, self.work_dir,
+                                 min(o.tune_trials, SIMULATION_TRIALS))
+        return mqe.MixLoss(sim, self.layers, sens.calibration.ranges, x, kernels.isa_of(self.host.tvm).reduce_range)
+
+    @property
+    def host(self) -> Target:
+        """Where MQE's simulation runs: this CPU (the target itself when it is this CPU)."""
+        return self.target if self.target.native else parse_target("llvm", self.target.threads)
 
     def plan(self, config: dict[str, str], timings: dict, ranges: dict) -> dict[str, LayerPlan]:
         isa = kernels.isa_of(self.target.tvm)
@@ -243,9 +272,14 @@ def _problem(table: dict[str, dict], layers: list[Layer], model: LatencyModel,
              allowed: dict[str, frozenset[str]]) -> solve.Problem:
     options = {}
     for layer in layers:
+        row = dict(table[layer.id])
+        if (layer.codes_in or layer.codes_out) and "FP32" in row and "W8A8" in row:
+            # A FP32 layer amid integer ones costs its neighbours their integer links (a quantize and a
+            # dequantize pass), which its own timing does not see: never count it faster than W8A8.
+            row["FP32"] = {**row["FP32"], "ms": max(row["FP32"]["ms"], row["W8A8"]["ms"])}
         options[layer.id] = [solve.Option(name, model.scale * v["ms"], v["loss"],
                                           layer.weight_bytes(kernels.parse_config(name).wbits))
-                             for name, v in table[layer.id].items()]
+                             for name, v in row.items()]
     return solve.Problem(options, model.fixed_ms, allowed=allowed)
 
 
@@ -306,20 +340,30 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
     latency = LatencyModel.fit(layer_ms(int8), uniform_ms, layer_ms(flow.uniform("FP32")), fp32_ms) if table \
         else LatencyModel()
 
-    budget_ms, front = None, []
+    budget_ms, front, mix, int8_mix = None, [], None, None
     with _stage(stages, "solve"):
         if fixed_choice is not None:
             choice = dict(fixed_choice)
         else:
             problem = _problem(table, flow.layers, latency, allowed)
+            check = flow.mix_loss(sens)
+            int8_mix = check(int8)
+            limit = (1.0 if options.max_loss is None else options.max_loss) * int8_mix
             if options.latency_budget is None:     # as fast as possible at no more estimated loss than INT8
-                int8_loss = sum(table[lid][name]["loss"] for lid, name in int8.items() if name in table[lid])
-                solution = solve.fastest(problem, int8_loss, options.size_budget)
+                solution = solve.fastest_checked(problem, lambda c: check(c) <= limit, int8, options.size_budget)
             else:
                 reference = uniform_ms if uniform_ms is not None else latency(layer_ms(int8))
                 budget_ms = solve.parse_budget(options.latency_budget, reference)
                 solution = solve.solve(problem, budget_ms, options.size_budget)
+                if options.max_loss is not None and check(solution.config) > limit:
+                    passing = solve.fastest_checked(problem, lambda c: check(c) <= limit, int8, options.size_budget)
+                    raise OhqError(
+                        f"within {budget_ms:.3f} ms the least damaging configuration has an estimated whole-model "
+                        f"loss of {check(solution.config):.3g}, over --max-loss {options.max_loss:g} x uniform "
+                        f"INT8's ({int8_mix:.3g}); the fastest configuration within it is predicted at "
+                        f"{passing.ms:.3f} ms")
             choice = solution.config
+            mix = check(choice)
             if options.pareto > 1:
                 front = [{"ms": s.ms, "loss": s.loss, "config": s.config}
                          for s in solve.pareto(problem, options.pareto, options.size_budget)]
@@ -338,9 +382,11 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
             and (budget_ms is None or budget_ms < uniform_ms) and measured > 1.02 * uniform_ms:
         # The latency model is per layer; the network is what counts: never ship slower than uniform INT8
         # when asked to be faster than it.
-        notes.append(f"the solver's configuration measured {measured:.3f} ms, slower than uniform INT8 "
-                     f"({uniform_ms:.3f} ms): uniform INT8 is shipped instead")
+        changed = ", ".join(f"{lid} {name}" for lid, name in choice.items() if name != int8[lid])
+        notes.append(f"the solver's configuration ({changed}; the rest as uniform INT8) measured {measured:.3f} ms, "
+                     f"slower than uniform INT8 ({uniform_ms:.3f} ms): uniform INT8 is shipped instead")
         choice, executable, records, measured = int8, int8_exe, int8_records, uniform_ms
+        mix = int8_mix
     predicted = latency(layer_ms(choice)) if table and all(n in table.get(l, {}) for l, n in choice.items()) \
         else None
     choices = [report.layer_choice(layer, choice[layer.id], table[layer.id]) if choice[layer.id] in table.get(
@@ -348,11 +394,15 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         for layer in flow.layers]
     objective = ("given configuration" if fixed_choice is not None else
                  f"least estimated loss within {budget_ms:.3f} ms" if budget_ms is not None else
-                 "fastest with no more estimated loss than uniform INT8")
+                 "fastest with no more estimated whole-model loss than uniform INT8"
+                 + (f" x {options.max_loss:g}" if options.max_loss is not None else ""))
+    if mix is not None and int8_mix and mix > 3 * int8_mix:
+        notes.append(f"estimated whole-model loss {mix:.3g} is {mix / int8_mix:.0f}x uniform INT8's ({int8_mix:.3g}): "
+                     "expect a large accuracy drop (--max-loss bounds it)")
     rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted, measured, uniform_ms,
                         fp32_ms, latency.fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
                         f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes,
-                        kept_fp32(imported.ops, len(flow.layers), records), latency.scale)
+                        kept_fp32(imported.ops, len(flow.layers), records), latency.scale, mix, int8_mix)
     stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
     return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
 
@@ -392,9 +442,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", "-o", type=Path, help="output .so (default: ./<model name>.so)")
     parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
     parser.add_argument("--latency-budget", help="a fraction of the uniform-INT8 latency (e.g. 0.75) or ms (e.g. "
-                                                 "12.5ms); default: the fastest configuration whose estimated loss "
-                                                 "is at most uniform INT8's")
+                                                 "12.5ms); default: the fastest configuration whose estimated "
+                                                 "whole-model loss is at most uniform INT8's")
     parser.add_argument("--size-budget", type=int, help="total weight bytes of the quantizable layers")
+    parser.add_argument("--max-loss", type=float, metavar="RATIO",
+                        help="estimated whole-model loss (KL vs FP32 on MQE's inputs, every layer quantized as chosen) "
+                             "at most RATIO x uniform INT8's; default 1 without a latency budget; with one, a "
+                             "budget the least damaging configuration breaks it in is an error")
     parser.add_argument("--exclude", action="append", default=[], metavar="LAYER[=W8A8]",
                         help="keep a layer at FP32 (or W8A8); repeatable")
     parser.add_argument("--uniform", help="one candidate for every layer, e.g. W8A8; FP32 = no quantization")
@@ -417,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         raise OhqError("--tune-trials must be >= 0")
     if bool(args.rpc_tracker) != bool(args.rpc_key):
         raise OhqError("--rpc-tracker and --rpc-key go together")
+    if args.max_loss is not None and not args.max_loss > 0:
+        raise OhqError(f"--max-loss must be positive, got {args.max_loss}")
     if args.size_budget is not None and args.size_budget <= 0:
         raise OhqError(f"--size-budget must be positive, got {args.size_budget}")
     bits = parse_bits(args.bits)
@@ -436,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not args.force:
         raise OhqError(f"{output} exists; pass --force to overwrite it")
     options = Options(bits=bits, latency_budget=args.latency_budget, size_budget=args.size_budget,
+                      max_loss=args.max_loss,
                       exclude=tuple(args.exclude), uniform=args.uniform,
                       config=_read_config(args.config) if args.config else None, sensitivity=args.sensitivity,
                       calibration_data=args.calibration_data, seed=args.seed, tune_trials=args.tune_trials,

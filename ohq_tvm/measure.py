@@ -67,6 +67,7 @@ class Record:
     ms: float | None           # None: failed to build or run
     final: bool = False        # the search for (workload, config) is complete
     error: str | None = None
+    revision: int = 1          # of the kernel template (kernels.REVISIONS)
 
 
 class TuningLog:
@@ -85,8 +86,8 @@ class TuningLog:
                 if record.tvm == tvm.__version__ and record.target == target.key:
                     self.records.append(record)
 
-    def lookup(self, workload: str, config: str) -> list[Record]:
-        return [r for r in self.records if r.workload == workload and r.config == config]
+    def lookup(self, workload: str, config: str, revision: int = 1) -> list[Record]:
+        return [r for r in self.records if r.workload == workload and r.config == config and r.revision == revision]
 
     def append(self, record: Record) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,12 +188,13 @@ def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, kee
     that is also more accurate is never chosen.
     """
     key, target = workload_key(layer), measurer.target
-    done = log.lookup(key, config.name)
+    revision = kernels.revision(layer, config)
+    done = log.lookup(key, config.name, revision)
     final = next((r for r in done if r.final), None)
     if final is not None:
         return final
     new = lambda knobs, ms_, final=False, error=None: Record(   # noqa: E731
-        tvm.__version__, target.key, key, config.name, knobs, ms_, final, error)
+        tvm.__version__, target.key, key, config.name, knobs, ms_, final, error, revision)
     space = kernels.knob_space(layer, config, kernels.isa_of(target.tvm))
     measured = {tuple(r.knobs): r.ms for r in done if r.knobs is not None}
     todo = [k for k in space if (k.tile_w, k.tile_o) not in measured]
@@ -361,10 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     fused = tune.fuse(imported.mod, target)
     with console.status("FP32 kernels (MetaSchedule)"):
         tune.tune(fused, target, args.work_dir, args.tune_trials)
-        fp32 = tune.layer_kernels(tune.apply(fused, target, args.work_dir))
-    if len(fp32) != len(layers):
-        console.print(f"[yellow]FP32 kernels not matched to layers ({len(fp32)} vs {len(layers)}): FP32 not timed")
-        fp32 = None
+        fp32 = tune.layer_kernels(tune.apply(fused, target, args.work_dir), layers)
+    if fp32 is None:
+        console.print("[yellow]FP32 kernels not matched to layers: FP32 not timed")
     log = TuningLog(Path(args.work_dir) / target.key / "oqa.jsonl", target)
     measurer = Measurer(target, runner)
     unique = len({workload_key(layer) for layer in layers})

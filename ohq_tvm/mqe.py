@@ -39,12 +39,16 @@ from . import build, kernels, tune
 from .errors import OhqError
 from .evaluate import kl_divergence
 from .frontend import Imported
-from .kernels import ActQuant, Config, quantize_weights
+from .kernels import ActQuant, Config, parse_config, quantize_weights
 from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
 CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
+# Distillation differentiates the model with an unscheduled gradient module (no CPU schedule rules for it):
+# seconds for Fashion-MNIST-sized models, ~30 min for a ResNet-18 at 224x224. Beyond this many MACs per
+# sample, the noise inputs instead.
+DISTILL_MAX_MACS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Sensitivity:
     calibration: Calibration
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)   # inputs, build, ranges, scores (s)
+    inputs: np.ndarray | None = None         # the inputs scored on (not in the JSON)
 
     def to_json(self) -> dict:
         return {"method": self.method, "source": self.calibration.source, "seconds": round(self.seconds, 3),
@@ -395,19 +400,60 @@ def weight_error_scores(sim_weights: dict[str, np.ndarray], layers: list[Layer],
     return scores
 
 
+def quantization_mask(sim: Simulation, layers: list[Layer], choice: dict[str, Config],
+                      ranges: dict[str, tuple[float, float]], reduce_range: bool
+                      ) -> tuple[np.ndarray, dict[int, tvm.runtime.Tensor]]:
+    """The simulation's arguments that quantize each layer of `choice` as its candidate (the rest FP32)."""
+    aq, weights = sim.idle_mask(), {}
+    for i, layer in enumerate(layers):
+        config = choice.get(layer.id)
+        if config is None or config.family == "fp32":
+            continue
+        aq[i] = act_row(*ranges[layer.id], config.abits)
+        weights[i] = tvm.runtime.tensor(fake_quant_weight(layer, config, sim.fp32_weights[layer.id], reduce_range))
+    return aq, weights
+
+
 def masked_scores(sim: Simulation, layers: list[Layer], configs: list[Config], ranges: dict[str, tuple[float, float]],
                   x: np.ndarray, metric, reduce_range: bool) -> dict[str, dict[str, float]]:
     """metric(masked logits) for each layer x candidate, quantizing that layer alone."""
-    idle = sim.idle_mask()
     scores = {}
-    for i, layer in enumerate(layers):
+    for layer in layers:
         scores[layer.id] = {"FP32": 0.0}
         for config in available(layer, configs):
-            aq = idle.copy()
-            aq[i] = act_row(*ranges[layer.id], config.abits)
-            w = tvm.runtime.tensor(fake_quant_weight(layer, config, sim.fp32_weights[layer.id], reduce_range))
-            scores[layer.id][config.name] = metric(sim.logits(x, aq, {i: w}))
+            mask = quantization_mask(sim, layers, {layer.id: config}, ranges, reduce_range)
+            scores[layer.id][config.name] = metric(sim.logits(x, *mask))
     return scores
+
+
+class MixLoss:
+    """KL divergence from FP32 of the whole model with every layer quantized as a configuration chooses, on
+    MQE's inputs. Per-layer scores add up to far less than this when many layers are quantized coarsely
+    (their errors compound); the flow checks its choice with it."""
+
+    def __init__(self, sim: Simulation, layers: list[Layer], ranges: dict[str, tuple[float, float]], x: np.ndarray,
+                 reduce_range: bool) -> None:
+        self.sim, self.layers, self.ranges, self.x, self.reduce_range = sim, layers, ranges, x, reduce_range
+        self.reference = sim.run(x)[0]
+        self.cache: dict[tuple, float] = {}
+
+    def __call__(self, choice: dict[str, str]) -> float:
+        key = tuple(sorted(choice.items()))
+        if key not in self.cache:
+            configs = {lid: parse_config(name) for lid, name in choice.items()}
+            logits = self.sim.logits(self.x, *quantization_mask(self.sim, self.layers, configs, self.ranges,
+                                                                self.reduce_range))
+            self.cache[key] = float(kl_divergence(self.reference, logits).mean())
+        return self.cache[key]
+
+
+def scoring_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
+                   distill_steps: int = 200, macs: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """(inputs the ranges come from, the `samples` of them scores are computed on, source)."""
+    x, source = calibration_inputs(model, shape, data, samples, seed, distill_steps, macs)
+    if len(x) <= samples:
+        return x, x, source
+    return x, x[np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))], source
 
 
 def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs: list[Config], target: Target, *,
@@ -422,7 +468,8 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
         raise OhqError("--sensitivity accuracy needs labelled --calibration-data (an .npz with x and y)")
     t0 = time.perf_counter()
     stages = {}
-    x, source = calibration_inputs(model, imported.input_shape, calibration_data, samples, seed, distill_steps)
+    x, scored, source = scoring_inputs(model, imported.input_shape, calibration_data, samples, seed, distill_steps,
+                                       sum(layer.macs for layer in layers))
     stages["inputs"] = time.perf_counter() - t0
     sim = simulation or Simulation(imported, layers, target, work_dir, tune_trials)
     stages["build"] = 0.0 if simulation else sim.build_seconds
@@ -436,23 +483,24 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     if method == "weight-error":
         scores = weight_error_scores(sim.fp32_weights, layers, configs, calibration.ranges, inputs, reduce_range)
     else:
-        if method != "accuracy" and len(x) > samples:   # ranges from every input, scores from `samples` of them
-            pick = np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))
-            x, ref = x[pick], ref[pick]
+        if method != "accuracy" and len(scored) < len(x):   # ranges from every input, scores from `samples`
+            x, ref = scored, sim.run(scored)[0]
         metric = {"mqe": lambda z: float(kl_divergence(ref, z).mean()),
                   "output-mse": lambda z: float(np.mean((z - ref) ** 2)),
                   "accuracy": lambda z: float((ref.argmax(-1) == labels).mean() - (z.argmax(-1) == labels).mean()),
                   }[method]
         scores = masked_scores(sim, layers, configs, calibration.ranges, x, metric, reduce_range)
     stages["scores"] = time.perf_counter() - t1
-    return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages)
+    return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages, scored)
 
 
 def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
-                       distill_steps: int = 200) -> tuple[np.ndarray, str]:
+                       distill_steps: int = 200, macs: int = 0) -> tuple[np.ndarray, str]:
+    """Real data if given; else inputs distilled from BN statistics (`macs`: per sample, see DISTILL_MAX_MACS);
+    else noise."""
     if data is not None:
         return load_calibration_data(data, shape), "data"
-    if bn_statistics(onnx.load(str(model), load_external_data=False)):
+    if macs <= DISTILL_MAX_MACS and bn_statistics(onnx.load(str(model), load_external_data=False)):
         return distill(model, shape, samples, seed, distill_steps), "distilled"
     return noise_inputs(shape, samples, seed), "noise"
 

@@ -40,6 +40,8 @@ class Report:
     notes: list[str] = field(default_factory=list)       # e.g. a fallback the flow took after measuring
     kept_fp32: dict[str, int] = field(default_factory=dict)  # ONNX operators not quantized: op type -> count
     latency_scale: float = 1.0        # predicted = fixed_ms + latency_scale * sum of the chosen kernels' ms
+    mix_loss: float | None = None     # estimated KL from FP32 with every layer quantized as chosen (MQE inputs)
+    int8_mix_loss: float | None = None   # the same for uniform INT8
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,6 +71,9 @@ def summary_lines(report: Report) -> list[str]:
     lines = [f"predicted {fmt(report.predicted_ms)}, measured {fmt(report.measured_ms)}"
              + (f" (prediction error {report.prediction_error:+.1%})" if report.prediction_error is not None else ""),
              f"uniform INT8 {fmt(report.uniform_int8_ms)}, FP32 {fmt(report.fp32_ms)}"]
+    if report.mix_loss is not None:
+        lines.append(f"estimated whole-model loss (KL vs FP32) {report.mix_loss:.3g}, uniform INT8 "
+                     f"{report.int8_mix_loss:.3g}")
     if report.measured_ms and report.uniform_int8_ms:
         lines.append(f"mixed / uniform INT8 = {report.measured_ms / report.uniform_int8_ms:.3f}x")
     if report.measured_ms and report.fp32_ms:

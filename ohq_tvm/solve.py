@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -135,15 +136,44 @@ def solve(problem: Problem, latency_budget_ms: float | None = None, size_budget_
                    f"{_up(fastest.ms)} ms")
 
 
-def fastest(problem: Problem, max_loss: float | None = None, size_budget_bytes: int | None = None) -> Solution:
-    """The fastest configuration whose summed sensitivity is at most `max_loss` (e.g. uniform INT8's)."""
+def evaluate(problem: Problem, config: dict[str, str]) -> Solution:
+    """A given configuration's predicted latency, summed loss and size."""
+    chosen = [next(o for o in problem.options[layer] if o.config == name) for layer, name in config.items()]
+    return Solution(dict(config), problem.fixed_ms + sum(o.ms for o in chosen), sum(o.loss for o in chosen),
+                    sum(o.bytes for o in chosen))
+
+
+def fastest_checked(problem: Problem, accept: Callable[[dict[str, str]], bool], fallback: dict[str, str],
+                    size_budget_bytes: int | None = None, steps: int = 7) -> Solution:
+    """The fastest configuration `accept` passes (e.g. a whole-model loss check), else `fallback` (which it
+    is assumed to pass).
+
+    Summed per-layer losses underestimate how errors compound, so the cap on them is a knob, not a promise:
+    bisect it (log scale) between the least feasible cap (or a 64th of the fallback's) and the unconstrained
+    fastest configuration's, keeping the fastest configuration the check passes. `accept` runs <= steps + 1 times."""
     ilp = _Ilp(problem)
-    found = ilp.minimize(ilp.ms, ilp.loss, None, size_budget_bytes, max_loss)
-    if found is None:
+    top = ilp.minimize(ilp.ms, ilp.loss, None, size_budget_bytes)
+    if top is None:
         solve(problem, None, size_budget_bytes)   # raises the explanatory error for sizes and ties
-        least = ilp.minimize(ilp.loss, ilp.ms, None, size_budget_bytes)
-        raise OhqError(f"loss budget {max_loss:.3g} is infeasible; the least summed sensitivity is {least.loss:.3g}")
-    return found
+    if accept(top.config):
+        return top
+    best = evaluate(problem, fallback)
+    if size_budget_bytes is not None and best.bytes > size_budget_bytes:
+        best = None
+    least = ilp.minimize(ilp.loss, ilp.ms, None, size_budget_bytes)
+    floor = max(least.loss, (best or least).loss / 64, 1e-12)
+    lo, hi = math.log(floor), math.log(max(top.loss, floor * 2))
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        found = ilp.minimize(ilp.ms, ilp.loss, None, size_budget_bytes, math.exp(mid))
+        if found is not None and accept(found.config):
+            best = found if best is None or found.ms < best.ms else best
+            lo = mid
+        else:
+            hi = mid
+    if best is None:
+        raise OhqError(f"no configuration within the size budget ({size_budget_bytes} bytes) passes the check")
+    return best
 
 
 def pareto(problem: Problem, n: int, size_budget_bytes: int | None = None) -> list[Solution]:

@@ -8,6 +8,7 @@ re-tuning: only tasks missing from the database are tuned.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -141,7 +142,9 @@ def _tasks(fused: tvm.IRModule, target: Target) -> list:
 
 
 def _missing(tasks: list, db: ms.database.Database) -> list:
-    return [t for t in tasks if not db.has_workload(t.dispatched[0])]
+    """Tasks without a tuning record (a killed tuning run leaves workloads committed but unrecorded)."""
+    return [t for t in tasks if not (db.has_workload(t.dispatched[0])
+                                     and db.get_top_k(db.commit_workload(t.dispatched[0]), 1))]
 
 
 def missing_tasks(fused: tvm.IRModule, target: Target, work_dir: Path) -> list[str]:
@@ -162,20 +165,27 @@ def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
         ])(fused)
 
 
-def layer_kernels(scheduled: tvm.IRModule) -> list[tvm.tirx.PrimFunc]:
-    """The scheduled PrimFunc of each conv2d / matmul of `scheduled`, in the order of main.
-
-    Each conv2d / matmul anchors one fused kernel (its bias, clamp and residual add fused in),
-    so the k-th kernel with a conv2d or matmul block is the k-th layer of the layer table.
-    """
-    calls = []
+def layer_kernels(scheduled: tvm.IRModule, layers: list) -> list[tvm.tirx.PrimFunc] | None:
+    """The scheduled PrimFunc of each layer (its bias, clamp and residual add fused in), or None if some layer
+    has no kernel. Fusion may reorder main's calls (a shortcut conv before the block's second conv), so a
+    kernel is matched by its data and output shapes and its weight's size (a packed layout keeps it)."""
+    calls = {}
     for binding in (b for block in scheduled["main"].body.blocks for b in block.bindings):
         value = binding.value
         if isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.call_tir"):
             func = scheduled[value.args[0]]
             if any(("conv2d" in name or "matmul" in name) for name in _block_names(func)):
-                calls.append(func)
-    return calls
+                args = [tuple(int(d) for d in a.ty.shape) for a in value.args[1].fields[:2]]
+                if len(args) == 2:
+                    key = (args[0], tuple(int(d) for d in value.ty.shape), math.prod(args[1]))
+                    calls.setdefault(key, []).append(func)
+    kernels = []
+    for layer in layers:
+        found = calls.get((tuple(layer.input_shape), tuple(layer.output_shape), math.prod(layer.weight_shape)))
+        if not found:
+            return None
+        kernels.append(found.pop(0))
+    return kernels
 
 
 def _block_names(func: tvm.tirx.PrimFunc) -> list[str]:

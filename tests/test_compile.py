@@ -45,6 +45,23 @@ def test_committed_logs_schedule_every_kernel(compiled, onnx_path):
     assert tune.missing_tasks(fused, target, TUNING_LOGS) == []
 
 
+def test_fp32_kernels_are_matched_to_their_layers():
+    """Fusion puts a residual block's shortcut conv before the block's second conv: matching by order swapped
+    their FP32 timings; every layer gets the kernel computing its own conv."""
+    from ohq_tvm.layers import find_layers
+    target = parse_target("llvm")
+    imported = load_onnx(FMNIST)
+    layers = find_layers(imported.mod)
+    scheduled = tune.apply(tune.fuse(imported.mod, target), target, TUNING_LOGS)
+    matched = tune.layer_kernels(scheduled, layers)
+    assert matched is not None and len(matched) == len(layers)
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    for layer, func in zip(layers, matched):
+        data, weight = (tuple(int(d) for d in a.shape) for a in ArgInfo.from_prim_func(func)[:2])
+        assert data == tuple(layer.input_shape) and np.prod(weight) == np.prod(layer.weight_shape), layer.id
+    assert tune.layer_kernels(scheduled, layers[:-1] + [layers[0]]) is None    # a layer without its own kernel
+
+
 def test_output_is_not_overwritten_without_force(tmp_path):
     so = tmp_path / "model.so"
     so.write_bytes(b"precious")

@@ -48,6 +48,17 @@ def test_a_hopeless_candidate_is_timed_once_not_refined(tmp_path):
     assert record.final and record.ms > 1e-6 and measurer.measurements == measurer.builds == 1
 
 
+def test_records_of_an_older_template_revision_are_measured_again(tmp_path, monkeypatch):
+    path = tmp_path / "oqa.jsonl"
+    config = kernels.parse_config("W1A1")
+    first = search(LAYER, config, Measurer(TARGET), TuningLog(path, TARGET))
+    assert first.revision == kernels.REVISIONS["bitserial"]
+    monkeypatch.setitem(kernels.REVISIONS, "bitserial", first.revision + 1)
+    again = Measurer(TARGET)
+    second = search(LAYER, config, again, TuningLog(path, TARGET))
+    assert again.measurements >= 1 and second.revision == first.revision + 1
+
+
 def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path):
     path = tmp_path / "oqa.jsonl"
     search(LAYER, kernels.parse_config("W2A2"), Measurer(TARGET), TuningLog(path, TARGET))

@@ -101,6 +101,24 @@ def test_estimators_score_every_available_candidate(fmnist):
     assert lo == 0.0 < hi                      # conv2d1 reads a ReLU output
 
 
+def test_mix_loss_of_one_layer_is_its_score_and_errors_compound(fmnist):
+    imported, layers, sim = fmnist
+    x = mqe.noise_inputs(imported.input_shape, 4, seed=0, input_range=(0.0, 1.0))
+    configs = [kernels.parse_config(n) for n in ("FP32", "W8A8", "W2A2")]
+    result = mqe.estimate(FMNIST, imported, layers, configs, TARGET, calibration_data=x, simulation=sim)
+    np.testing.assert_array_equal(result.inputs, x)
+    mix = mqe.MixLoss(sim, layers, result.calibration.ranges, result.inputs, ISA.reduce_range)
+    fp32 = {l.id: "FP32" for l in layers}
+    assert mix(fp32) == pytest.approx(0, abs=1e-9)
+    first = layers[0].id
+    assert mix({**fp32, first: "W2A2"}) == pytest.approx(result.scores[first]["W2A2"], rel=1e-6)
+    low = {l.id: "W2A2" if l.groups == 1 else "W8A8" for l in layers}
+    summed = sum(result.scores[lid][name] for lid, name in low.items())
+    assert mix(low) > summed          # quantizing every layer coarsely costs more than the parts add up to
+    int8 = {l.id: "W8A8" for l in layers}
+    assert 0 < mix(int8) < mix(low)
+
+
 def test_accuracy_method_on_labelled_data(fmnist):
     from ohq_tvm.data import fashion_mnist_test
     imported, layers, sim = fmnist

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ohq_tvm.errors import OhqError
-from ohq_tvm.solve import Option, Problem, Solution, fastest, parse_budget, pareto, solve
+from ohq_tvm.solve import Option, Problem, Solution, evaluate, fastest_checked, parse_budget, pareto, solve
 
 CONFIGS = ("FP32", "W8A8", "W4A8", "W2A8")
 
@@ -195,11 +195,27 @@ def test_parse_budget():
             parse_budget(bad, 20.0)
 
 
-def test_fastest_within_a_loss_budget():
-    problem = Problem({"a": [Option("W8A8", 1.0, 0.1, 8), Option("W2A2", 0.5, 0.5, 2), Option("FP32", 2.0, 0.0, 32)],
-                       "b": [Option("W8A8", 1.0, 0.1, 8), Option("W2A2", 0.7, 0.2, 2), Option("FP32", 1.5, 0.0, 32)]})
-    assert fastest(problem, 0.2).config == {"a": "W8A8", "b": "W8A8"}
-    assert fastest(problem, 0.3).config == {"a": "W8A8", "b": "W2A2"}
-    assert fastest(problem).config == {"a": "W2A2", "b": "W2A2"}
-    with pytest.raises(OhqError, match="least summed sensitivity is 0"):
-        fastest(problem, -1.0)
+def test_fastest_checked_keeps_the_fastest_configuration_the_check_passes():
+    """Ten layers whose low-bit candidates look harmless one by one, while the check (standing in for the
+    whole-model loss) allows at most three of them together."""
+    problem = Problem({f"l{i}": [Option("W8A8", 1.0, 0.01, 8), Option("W1A1", 0.6 - 0.01 * i, 0.02 + 0.01 * i, 1)]
+                       for i in range(10)}, fixed_ms=2.0)
+    int8 = {f"l{i}": "W8A8" for i in range(10)}
+    calls = []
+
+    def accept(config):
+        calls.append(config)
+        return sum(name == "W1A1" for name in config.values()) <= 3
+    found = fastest_checked(problem, accept, int8, steps=7)
+    assert len(calls) <= 8 and accept(found.config)
+    assert sum(name == "W1A1" for name in found.config.values()) == 3      # as many as the check allows
+    assert found == evaluate(problem, found.config) and found.ms < evaluate(problem, int8).ms
+    assert fastest_checked(problem, lambda c: c == int8, int8).config == int8      # nothing passes: the fallback
+    everything = fastest_checked(problem, lambda c: True, int8)
+    assert set(everything.config.values()) == {"W1A1"}
+    small = fastest_checked(problem, accept, int8, size_budget_bytes=70)     # INT8 (80 bytes) does not fit
+    assert small.bytes <= 70 and accept(small.config)
+    with pytest.raises(OhqError, match="size budget"):
+        fastest_checked(problem, lambda c: c == int8, int8, size_budget_bytes=70)
+    with pytest.raises(OhqError, match="infeasible"):
+        fastest_checked(problem, accept, int8, size_budget_bytes=5)

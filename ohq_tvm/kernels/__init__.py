@@ -30,7 +30,17 @@ from .isa import Isa, isa_of
 from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
 
 __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs", "Packed", "build", "family",
-           "isa_of", "knob_space", "ohwi", "pack", "pack_codes", "parse_config", "simulate"]
+           "isa_of", "knob_space", "ohwi", "pack", "pack_codes", "parse_config", "revision", "simulate"]
+
+
+# A template's revision goes up when a change alters what it measures; tuning-log records of an older
+# revision are measured again (records carry the revision; logs without one are revision 1).
+REVISIONS = {"dot": 1, "bitserial": 2, "grouped": 1}
+
+
+def revision(layer: Layer, config: Config) -> int:
+    kind = family(layer, config)
+    return REVISIONS[kind] if kind else 1
 
 
 def family(layer: Layer, config: Config) -> str | None:
