@@ -188,12 +188,15 @@ class Flow:
         o = self.options
         x = sens.inputs
         if x is None:     # a cache from before inputs were kept
-            _, x, source = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data, o.samples,
-                                              o.seed, macs=sum(layer.macs for layer in self.layers))
+            x, pick, source = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data,
+                                                 o.samples, o.seed, macs=sum(layer.macs for layer in self.layers))
+            x = x[pick]
             self._keep_inputs(x, source)
-        with self.console.status("MQE: building the whole-model check"):
-            sim = mqe.Simulation(self.imported, self.layers, self.host, self.work_dir,
-                                 min(o.tune_trials, SIMULATION_TRIALS))
+        sim = sens.simulation     # built by this compile's MQE run, or not yet (scores from the cache)
+        if sim is None:
+            with self.console.status("MQE: building the whole-model check"):
+                sim = mqe.Simulation(self.imported, self.layers, self.host, self.work_dir,
+                                     min(o.tune_trials, SIMULATION_TRIALS))
         return mqe.MixLoss(sim, self.layers, sens.calibration.ranges, x, kernels.isa_of(self.host.tvm).reduce_range)
 
     @property

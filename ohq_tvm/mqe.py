@@ -65,6 +65,7 @@ class Sensitivity:
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)   # inputs, build, ranges, scores (s)
     inputs: np.ndarray | None = None         # the inputs scored on (not in the JSON)
+    simulation: Simulation | None = None     # the simulation scored with (not in the JSON)
 
     def to_json(self) -> dict:
         return {"method": self.method, "source": self.calibration.source, "seconds": round(self.seconds, 3),
@@ -449,11 +450,11 @@ class MixLoss:
 
 def scoring_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
                    distill_steps: int = 200, macs: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """(inputs the ranges come from, the `samples` of them scores are computed on, source)."""
+    """(inputs the ranges come from, indices of the `samples` of them scores are computed on, source)."""
     x, source = calibration_inputs(model, shape, data, samples, seed, distill_steps, macs)
     if len(x) <= samples:
-        return x, x, source
-    return x, x[np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False))], source
+        return x, np.arange(len(x)), source
+    return x, np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False)), source
 
 
 def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs: list[Config], target: Target, *,
@@ -468,8 +469,9 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
         raise OhqError("--sensitivity accuracy needs labelled --calibration-data (an .npz with x and y)")
     t0 = time.perf_counter()
     stages = {}
-    x, scored, source = scoring_inputs(model, imported.input_shape, calibration_data, samples, seed, distill_steps,
-                                       sum(layer.macs for layer in layers))
+    x, pick, source = scoring_inputs(model, imported.input_shape, calibration_data, samples, seed, distill_steps,
+                                     sum(layer.macs for layer in layers))
+    scored = x[pick]
     stages["inputs"] = time.perf_counter() - t0
     sim = simulation or Simulation(imported, layers, target, work_dir, tune_trials)
     stages["build"] = 0.0 if simulation else sim.build_seconds
@@ -483,15 +485,15 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     if method == "weight-error":
         scores = weight_error_scores(sim.fp32_weights, layers, configs, calibration.ranges, inputs, reduce_range)
     else:
-        if method != "accuracy" and len(scored) < len(x):   # ranges from every input, scores from `samples`
-            x, ref = scored, sim.run(scored)[0]
+        if method != "accuracy" and len(pick) < len(x):   # ranges from every input, scores from `samples`
+            x, ref = x[pick], ref[pick]
         metric = {"mqe": lambda z: float(kl_divergence(ref, z).mean()),
                   "output-mse": lambda z: float(np.mean((z - ref) ** 2)),
                   "accuracy": lambda z: float((ref.argmax(-1) == labels).mean() - (z.argmax(-1) == labels).mean()),
                   }[method]
         scores = masked_scores(sim, layers, configs, calibration.ranges, x, metric, reduce_range)
     stages["scores"] = time.perf_counter() - t1
-    return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages, scored)
+    return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages, scored, sim)
 
 
 def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
