@@ -10,6 +10,7 @@ bench/results/e2e.md and bench/results/e2e_pareto.png, and the README block.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import replace
@@ -187,12 +188,25 @@ def pareto_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def kept_rows(selected: list[str]) -> list[dict]:
+    """Rows of the models not re-measured now, from an earlier run on this same machine (MODELS=a,b re-runs a, b)."""
+    path = RESULTS / "e2e.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("machine") != machine():
+        return []
+    return [r for r in old["rows"] if r["model"] not in selected]
+
+
 def main() -> None:
-    selected = os.environ.get("MODELS", "fmnist,efficientnet,resnet18,mobilenetv2").split(",")
+    selected = os.environ.get("MODELS", "fmnist,efficientnet,resnet18,mobilenetv2").split(",")  # the others keep their rows
     rounds = int(os.environ.get("ROUNDS", "7"))
-    rows = []
+    rows = kept_rows(selected)
     for model in selected:
         rows += bench_model(model, rounds)
+    order = list(MODEL_PATHS)
+    rows.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))   # stable per model
     path = write("e2e.json", {"machine": machine(), "rows": rows})
     table = markdown(rows)
     (RESULTS / "e2e.md").write_text(table)
