@@ -35,11 +35,14 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 
 # A template's revision goes up when a change alters what it measures; tuning-log records of an older
 # revision are measured again (records carry the revision; logs without one are revision 1).
-REVISIONS = {"dot": 1, "bitserial": 2, "grouped": 1}
+# The dot template's low-bit-weight variants (W4A8, W2A8) have their own revision.
+REVISIONS = {"dot": 1, "dot-lowbit": 2, "bitserial": 2, "grouped": 1}
 
 
 def revision(layer: Layer, config: Config) -> int:
     kind = family(layer, config)
+    if kind == "dot" and config.wbits < 8:
+        kind = "dot-lowbit"
     return REVISIONS[kind] if kind else 1
 
 

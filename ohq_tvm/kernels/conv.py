@@ -10,6 +10,9 @@ Between two integer kernels the activation stays integer (`Io`): the producer's 
 the consumer's codes (its quantizer folded into chan and the clamp), which the consumer takes as x.
 Weights with fewer than 8 bits are packed several to a byte and unpacked in registers
 (`wbits`); the arithmetic is the same dot product, so it is one template for W8A8, W4A8, W2A8.
+Low-bit weights are stored offset-coded (w + 2^(wbits-1), or the bit of a bipolar +-1), so unpacking
+is a shift and a mask; the accumulators start at -offset * (sum of the input codes in the window):
+per-pixel channel sums, then window sums, a small fraction of the layer's work.
 """
 from __future__ import annotations
 
@@ -159,24 +162,29 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         codes = te.compute((g.n, g.hp, g.wp, c4), quantized_input(x, g, q, 255, "uint8"), name="a")
         a = lambda n, h, w_, c: codes[n, h, w_, c]   # noqa: E731
 
+    sh, sw = g.strides
     if wbits == 8:
         wu = w
     else:
-        mask, half = (1 << wbits) - 1, 1 << (wbits - 1)
+        mask = tvm.tirx.const((1 << wbits) - 1, "uint8")
 
         def unpack(ob, y, xx, cb, j, i, k):
-            v = (w[ob, y, xx, cb // per, j, i, k] >> ((cb % per) * wbits).astype("uint8")) & tvm.tirx.const(mask, "uint8")
-            if wbits == 1:   # bipolar: bit 1 -> +1, bit 0 -> -1
-                return v.astype("int8") * tvm.tirx.const(2, "int8") - tvm.tirx.const(1, "int8")
-            return (v ^ tvm.tirx.const(half, "uint8")).astype("int8") - tvm.tirx.const(half, "int8")
+            v = ((w[ob, y, xx, cb // per, j, i, k] >> ((cb % per) * wbits).astype("uint8")) & mask).astype("int8")
+            return v + v if wbits == 1 else v      # bipolar: w = 2 * bit - 1
         wu = te.compute((o_pad // (lanes * nb), g.kh, g.kw, c4 // 4, nb, lanes, 4), unpack, name="wu")
+        sc = te.reduce_axis((0, c4), "sc")
+        csum = te.compute((g.n, g.hp, g.wp), lambda n, h, w_: te.sum(a(n, h, w_, sc).astype("int32"), axis=sc),
+                          name="csum")      # per input pixel, then summed over the window
+        offset = 1 if wbits == 1 else 1 << (wbits - 1)     # stored low-bit weight = w + offset
+        sy, sx = te.reduce_axis((0, g.kh), "sy"), te.reduce_axis((0, g.kw), "sx")
+        start = te.compute((g.n, g.oh, g.ow), lambda n, h, w_: te.sum(
+            csum[n, h * sh + sy, w_ * sw + sx] * -offset, axis=[sy, sx]), name="start")
 
     ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, c4), "rc")
-    sh, sw = g.strides
     acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
         a(n, h * sh + ry, w_ * sw + rx, rc).astype("int32")
         * wu[o // (lanes * nb), ry, rx, rc // 4, (o // lanes) % nb, o % lanes, rc % 4].astype("int32"),
-        axis=[ry, rx, rc]), name="acc")
+        axis=[ry, rx, rc], init=None if wbits == 8 else start[n, h, w_]), name="acc")
     out_shape = (g.n, g.oh, g.ow, g.o) if len(x_shape) == 4 else (g.ow, g.o)
     out_index = (lambda n, h, w_, o: (n, h, w_, o)) if len(x_shape) == 4 else (lambda m, o: (0, 0, m, o))
 
@@ -190,8 +198,12 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
 def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -> tvm.tirx.PrimFunc:
     unpack = wbits != 8
     sch = s_tir.Schedule(func)
-    if any(sch.get(b).name_hint == "a" for b in sch.get_child_blocks(sch.get_sblock("root"))):
+    roots = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if "a" in roots:
         schedule_elementwise(sch, sch.get_sblock("a"))
+    for name in ("csum", "start"):     # offset correction: per-pixel sums of the input codes
+        if name in roots:
+            sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2]))
     acc = sch.get_sblock("acc")
     n, h, w, o, ry, rx, rc = sch.get_loops(acc)
     wo, wi = sch.split(w, [None, knobs.tile_w])
@@ -220,14 +232,32 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -
     sch.vectorize(sch.get_loops(init)[-1])
     if intrin:
         sch.tensorize(oi, intrin)
+    if unpack:   # accumulators start at the offset correction (the last primitive: see _starts_at)
+        _starts_at(sch, init, "start")
     return sch.mod["main"]
+
+
+def _starts_at(sch: s_tir.Schedule, init, buffer: str) -> None:
+    """Make a reduction's init block store `buffer`[its leading spatial indices] instead of zero: the
+    reduction's TE init, which te.create_prim_func drops (TVM 0.27). The schedule's dependency analysis
+    does not see the new read, so `buffer` must stay a root stage ahead of the reduction (it is, in TE
+    order) and no dependency-checked primitive may follow."""
+    block = sch.get(init)
+    buf = next(b for b in sch.get(sch.get_sblock("root")).alloc_buffers if b.name == buffer)
+    index = [iv.var for iv in block.iter_vars[:len(buf.shape)]]
+    region = tvm.tirx.BufferRegion(buf, [tvm.ir.Range.from_min_extent(v, 1) for v in index])
+    body = tvm.tirx.BufferStore(block.body.buffer, tvm.tirx.BufferLoad(buf, index), block.body.indices)
+    new = s_tir.SBlock(block.iter_vars, [region], block.writes, block.name_hint, body, None,
+                       block.alloc_buffers, block.match_buffers, block.annotations)
+    sch.state.replace(sch.get_sref(init), new, {block: new})
 
 
 def pack_dot_weights(codes: np.ndarray, isa: Isa, knobs: Knobs, wbits: int = 8) -> np.ndarray:
     """Codes [O, KH, KW, C] (signed; +-1 for 1 bit) -> the template's weight layout.
 
     Output channels are padded to whole register tiles and input channels to 4 * codes-per-byte,
-    with zero codes (a bipolar pad weight is -1, but meets a zero activation code: see dot_kernel).
+    with zero codes (any padded weight meets a zero activation code: see quantized_input).
+    Below 8 bits the codes are stored offset-coded, unsigned, several to a byte.
     """
     lanes, nb, per = isa.lanes, knobs.tile_o, 8 // wbits
     o, kh, kw, c = codes.shape
@@ -238,7 +268,7 @@ def pack_dot_weights(codes: np.ndarray, isa: Isa, knobs: Knobs, wbits: int = 8) 
     tiled = tiled.transpose(0, 3, 4, 5, 6, 1, 2, 7)            # [ob, kh, kw, cb, per, nb, lanes, 4]
     if wbits == 8:
         return np.ascontiguousarray(tiled.reshape(tiled.shape[:3] + (-1,) + tiled.shape[5:]))
-    bits = (tiled + 1) // 2 if wbits == 1 else tiled & ((1 << wbits) - 1)
+    bits = (tiled + 1) // 2 if wbits == 1 else tiled + (1 << (wbits - 1))
     packed = np.zeros(tiled.shape[:4] + tiled.shape[5:], np.uint8)
     for p in range(per):
         packed |= (bits[:, :, :, :, p].astype(np.uint8) << (p * wbits)).astype(np.uint8)
