@@ -12,11 +12,20 @@ import tvm
 from tvm import relax
 
 
+_pool_sized = False
+
+
 def set_threads(threads: int) -> None:
-    """Resize TVM's CPU thread pool. The pool never grows beyond the TVM_NUM_THREADS it was created with
-    (default: half the logical cores), so that is set too, for a pool not created yet."""
+    """Resize TVM's CPU thread pool (and TVM_NUM_THREADS, for subprocesses). The pool never grows beyond
+    the TVM_NUM_THREADS it was created with, so the first call creates it with every core."""
+    global _pool_sized
+    config = tvm.get_global_func("runtime.config_threadpool")
+    if not _pool_sized:
+        os.environ["TVM_NUM_THREADS"] = str(os.cpu_count() or 1)
+        config(1, os.cpu_count() or 1)
+        _pool_sized = True
     os.environ["TVM_NUM_THREADS"] = str(int(threads))
-    tvm.get_global_func("runtime.config_threadpool")(1, int(threads))
+    config(1, int(threads))
 
 
 class Model:
