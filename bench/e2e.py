@@ -148,16 +148,22 @@ def markdown(rows: list[dict]) -> str:
         acc = sorted({r["metric"] for r in mine} - {"latency_ms", "compile_seconds", "config", "error"})
         lat = {(r["system"], r["threads"]): r["median_ms"] for r in mine if r["metric"] == "latency_ms"}
         val = {(r["system"], r["metric"]): r["value"] for r in mine if r["metric"] in acc}
+        compile_s = {r["system"]: r["value"] for r in mine if r["metric"] == "compile_seconds"}
         int8 = {t: lat.get(("ohq_tvm int8", t)) for t in THREADS}
         lines += [f"**{model}**", "", "| system | " + " | ".join(f"ms @{t}T" for t in THREADS)
-                  + " | / our INT8 @2T | " + " | ".join(acc) + " |",
-                  "|---" * (len(THREADS) + 2 + len(acc)) + "|"]
+                  + " | / our INT8 @2T | " + " | ".join(acc) + " | compile s |",
+                  "|---" * (len(THREADS) + 3 + len(acc)) + "|"]
         for s in systems:
             ratio = lat.get((s, 2)) / int8[2] if int8[2] and lat.get((s, 2)) else None
             lines.append(f"| {s} | " + " | ".join(f"{lat.get((s, t), 0):.3f}" for t in THREADS)
                          + f" | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-                         + " | ".join("-" if (s, m) not in val else f"{val[s, m]:.4f}" for m in acc) + " |")
+                         + " | ".join("-" if (s, m) not in val else f"{val[s, m]:.4f}" for m in acc)
+                         + f" | {compile_s.get(s, '-')} |")
         lines += [f"- {r['system']}: {r['value']}" for r in mine if r["metric"] == "error"]
+        for r in mine:     # where a compile's time goes (the first compiles of a model tune and measure cold)
+            if r["metric"] == "compile_seconds" and r.get("stages"):
+                stages = ", ".join(f"{k} {v:g}" for k, v in r["stages"].items())
+                lines.append(f"- {r['system']} compile stages (s): {stages}")
         lines.append("")
     return "\n".join(lines)
 
