@@ -35,13 +35,16 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 
 # A template's revision goes up when a change alters what it measures; tuning-log records of an older
 # revision are measured again (records carry the revision; logs without one are revision 1).
-# The dot template's low-bit-weight variants (W4A8, W2A8) have their own revision.
-REVISIONS = {"dot": 1, "dot-lowbit": 2, "bitserial": 2, "grouped": 1}
+# The dot template's low-bit-weight variants (W4A8, W2A8) and its multi-row matmuls (weights-outer loop
+# order, every config; above every other dot revision) have their own.
+REVISIONS = {"dot": 1, "dot-lowbit": 2, "dot-gemm": 3, "bitserial": 2, "grouped": 1}
 
 
 def revision(layer: Layer, config: Config) -> int:
     kind = family(layer, config)
-    if kind == "dot" and config.wbits < 8:
+    if kind == "dot" and Geometry.of(layer).weights_outer:
+        kind = "dot-gemm"
+    elif kind == "dot" and config.wbits < 8:
         kind = "dot-lowbit"
     return REVISIONS[kind] if kind else 1
 

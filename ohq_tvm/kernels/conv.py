@@ -58,6 +58,12 @@ class Geometry:
     def ow(self) -> int:
         return (self.wp - self.kw) // self.strides[1] + 1
 
+    @property
+    def weights_outer(self) -> bool:
+        """A matmul over several rows with more weights than input: the loop over weight panels goes
+        outermost, so every row tile reuses a panel from cache instead of streaming the weights again."""
+        return self.kh == self.kw == self.h == 1 and 1 < self.w < self.o
+
     @classmethod
     def of(cls, layer: Layer) -> "Geometry":
         if layer.op == "matmul":
@@ -192,10 +198,11 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         n, h, w_, o = out_index(*idx)
         return epilogue_value(acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q, io)
     out = te.compute(out_shape, epilogue, name="out")
-    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits)
+    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits, g.weights_outer)
 
 
-def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -> tvm.tirx.PrimFunc:
+def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, weights_outer: bool
+                  ) -> tvm.tirx.PrimFunc:
     unpack = wbits != 8
     sch = s_tir.Schedule(func)
     roots = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
@@ -210,8 +217,9 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int) -
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
     per = 8 // wbits
     rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
-    sch.reorder(n, h, wo, oo, ry, rx, rco, rcm, wi, ob, oi, rci)
-    sch.parallel(sch.fuse(n, h, wo, oo))
+    outer = (oo, wo) if weights_outer else (wo, oo)
+    sch.reorder(n, h, *outer, ry, rx, rco, rcm, wi, ob, oi, rci)
+    sch.parallel(sch.fuse(n, h, *outer))
     sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, sch.get_loops(acc)[0])
