@@ -21,11 +21,7 @@ from tvm import te
 
 from .conv import Geometry, Io, Knobs, _ceil, _input_view, epilogue_value, quantized_input, schedule_elementwise
 from .isa import Isa
-
-
-def weight_offset(wbits: int) -> tuple[int, int]:
-    """(alpha, c) with signed code q = alpha * u - c."""
-    return (2, 1) if wbits == 1 else (1, 1 << (wbits - 1))
+from .scheme import weight_offset
 
 
 def knob_space(g: Geometry, isa: Isa, abits: int, wbits: int) -> list[Knobs]:

@@ -25,6 +25,7 @@ from tvm import te
 
 from ..layers import Layer
 from .isa import Isa
+from .scheme import weight_offset
 
 
 @dataclass(frozen=True)
@@ -173,15 +174,15 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         wu = w
     else:
         mask = tvm.tirx.const((1 << wbits) - 1, "uint8")
+        alpha, offset = weight_offset(wbits)     # stored u, weight alpha * u - offset
 
         def unpack(ob, y, xx, cb, j, i, k):
             v = ((w[ob, y, xx, cb // per, j, i, k] >> ((cb % per) * wbits).astype("uint8")) & mask).astype("int8")
-            return v + v if wbits == 1 else v      # bipolar: w = 2 * bit - 1
+            return v + v if alpha == 2 else v
         wu = te.compute((o_pad // (lanes * nb), g.kh, g.kw, c4 // 4, nb, lanes, 4), unpack, name="wu")
         sc = te.reduce_axis((0, c4), "sc")
         csum = te.compute((g.n, g.hp, g.wp), lambda n, h, w_: te.sum(a(n, h, w_, sc).astype("int32"), axis=sc),
                           name="csum")      # per input pixel, then summed over the window
-        offset = 1 if wbits == 1 else 1 << (wbits - 1)     # stored low-bit weight = w + offset
         sy, sx = te.reduce_axis((0, g.kh), "sy"), te.reduce_axis((0, g.kw), "sx")
         start = te.compute((g.n, g.oh, g.ow), lambda n, h, w_: te.sum(
             csum[n, h * sh + sy, w_ * sw + sx] * -offset, axis=[sy, sx]), name="start")
@@ -276,7 +277,8 @@ def pack_dot_weights(codes: np.ndarray, isa: Isa, knobs: Knobs, wbits: int = 8) 
     tiled = tiled.transpose(0, 3, 4, 5, 6, 1, 2, 7)            # [ob, kh, kw, cb, per, nb, lanes, 4]
     if wbits == 8:
         return np.ascontiguousarray(tiled.reshape(tiled.shape[:3] + (-1,) + tiled.shape[5:]))
-    bits = (tiled + 1) // 2 if wbits == 1 else tiled + (1 << (wbits - 1))
+    alpha, offset = weight_offset(wbits)
+    bits = (tiled + offset) // alpha
     packed = np.zeros(tiled.shape[:4] + tiled.shape[5:], np.uint8)
     for p in range(per):
         packed |= (bits[:, :, :, :, p].astype(np.uint8) << (p * wbits)).astype(np.uint8)

@@ -55,6 +55,12 @@ def weight_qmax(bits: int, reduce_range: bool = False) -> int:
     return (2 ** (bits - 1) - 1) // (2 if reduce_range and bits == 8 else 1)
 
 
+def weight_offset(wbits: int) -> tuple[int, int]:
+    """(alpha, c) of the unsigned form u the low-bit kernels store a signed weight code q in: q = alpha * u - c
+    (b >= 2 bits: alpha 1, c = 2^(b-1); bipolar b = 1: alpha 2, c = 1)."""
+    return (2, 1) if wbits == 1 else (1, 1 << (wbits - 1))
+
+
 def quantize_weights(w: np.ndarray, bits: int, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """w [O, ...] float -> (int8 codes [O, ...], float32 scale [O])."""
     flat = w.reshape(w.shape[0], -1).astype(np.float32)
