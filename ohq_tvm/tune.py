@@ -1,9 +1,11 @@
-"""MetaSchedule for every kernel TVM generates (FP32 layers and glue ops).
+"""Schedules for every kernel TVM generates (FP32 layers and glue ops).
 
-TVM's default lowering leaves kernels unscheduled (40-100x slower than ONNX Runtime). Here the
-fused module's PrimFuncs are tuned with MetaSchedule's XGBoost cost model; records live in a
-JSON database per target (``tuning_logs/<target key>/metaschedule``) and are re-applied without
-re-tuning: only tasks missing from the database are tuned.
+TVM's default lowering leaves kernels unscheduled (40-100x slower than ONNX Runtime). Kernels that
+reduce (convs, matmuls, pooling, softmax) are tuned with MetaSchedule's XGBoost cost model; records
+live in a JSON database per target (``tuning_logs/<target key>/metaschedule``) and are re-applied
+without re-tuning: only tasks missing from the database are tuned. Injective kernels (elementwise,
+reshapes, MQE's fake quantizers) are memory-bound and get a fixed rule instead of a search:
+inline into one loop nest, parallel outer part, vectorized inner part.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+import tvm.s_tir as s_tir
 from tvm import relax
 import tvm.s_tir.meta_schedule as ms
 
@@ -136,9 +139,53 @@ def prune(path: Path, keep: int = 2) -> None:
 
 
 def _tasks(fused: tvm.IRModule, target: Target) -> list:
-    """MetaSchedule tasks, without the kernels that come scheduled (the integer kernels)."""
+    """MetaSchedule tasks: the kernels that reduce and are not scheduled already (the integer kernels are)."""
     return [t for t in ms.relax_integration.extract_tasks(fused, target.tvm)
-            if not any(f.attrs and f.attrs.get("tir.is_scheduled") for f in t.dispatched[0].functions.values())]
+            if not any(_scheduled(f) or _injective(f) for f in t.dispatched[0].functions.values())]
+
+
+def _scheduled(func) -> bool:
+    return bool(func.attrs and func.attrs.get("tir.is_scheduled"))
+
+
+def _injective(func: tvm.tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(func)
+    return all(int(v.iter_type) == tvm.tirx.IterVar.DataPar
+               for b in sch.get_child_blocks(sch.get_sblock("root")) for v in sch.get(b).iter_vars)
+
+
+def schedule_injective(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm.tirx.PrimFunc:
+    """Every stage inlined into its consumer; each remaining loop nest fused, split into vector lanes, the
+    outer part parallel when the kernel is big enough to pay for waking the thread pool."""
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        try:
+            sch.compute_inline(block)
+        except tvm.TVMError:    # an output of a multi-output kernel
+            pass
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        loop = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = int(sch.get(loop).extent)
+        lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent > v), None)
+        outer, inner = sch.split(loop, [None, lanes]) if lanes else (loop, None)
+        if extent >= parallel_min:
+            sch.parallel(outer)
+        if inner is not None:
+            sch.vectorize(inner)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+@tvm.ir.transform.module_pass(opt_level=0, name="ScheduleInjective")
+def ScheduleInjective(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Give every unscheduled injective PrimFunc the fixed rule of `schedule_injective`."""
+    todo = {gv: f for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and not _scheduled(f) and _injective(f)}
+    for gv, func in todo.items():
+        mod[gv] = schedule_injective(func)
+    return mod
 
 
 def _missing(tasks: list, db: ms.database.Database) -> list:
@@ -153,11 +200,13 @@ def missing_tasks(fused: tvm.IRModule, target: Target, work_dir: Path) -> list[s
 
 
 def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
-    """Replace every PrimFunc that has a tuning record with its best schedule."""
+    """Replace every PrimFunc that has a tuning record with its best schedule; injective ones without a
+    record get the fixed rule."""
     db = _database(work_dir, target)
     with target.tvm, db:
         return tvm.transform.Sequential([
             relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
+            ScheduleInjective,
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.LiftTransformParams(),
             relax.transform.FoldConstant(),

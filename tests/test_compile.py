@@ -104,3 +104,36 @@ def test_evaluate_harness_on_onnxruntime_and_compiled(compiled):
     photos = run_cli("evaluate", compiled[EFFNET][0], "--dataset", "photos", "--reference", EFFNET, "-n", "8")
     agreement = json.loads(photos.stdout)
     assert agreement["top1_agreement"] == 1.0 and agreement["mean_kl"] < 1e-6
+
+
+def test_injective_kernels_get_the_fixed_rule_not_a_search():
+    """MQE's fake quantizer (a strided slice of the mask, then round/clamp/scale) is injective: it is not a
+    tuning task, and the rule's schedule (one parallel, vectorized loop nest) computes the same values."""
+    import tvm
+    from tvm import relax
+    from ohq_tvm import build
+    from ohq_tvm.mqe import _fake_quant
+    target = parse_target("llvm")
+    x = relax.Var("x", relax.TensorType((1, 28, 28, 16), "float32"))
+    aq = relax.Var("aq", relax.TensorType((3, 5), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, aq]):
+        with bb.dataflow():
+            row = [bb.emit(relax.op.strided_slice(aq, [0, 1], [1, j], [2, j + 1])) for j in range(5)]
+            out = bb.emit_output(_fake_quant(x, *row))
+        bb.emit_func_output(out)
+    fused = tune.fuse(bb.get(), target)
+    assert tune._tasks(fused, target) == []
+    scheduled = tune.ScheduleInjective(fused)
+    kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(kernels) == 1 and kernels[0].attrs["tir.is_scheduled"]
+    script = kernels[0].script()
+    assert "T.parallel" in script and "T.vectorized" in script and script.count("T.sblock(") == 2, script  # root and one stage
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((1, 28, 28, 16), dtype=np.float32) * 3,
+            np.tile(np.array([4.0, 7.0, 15.0, 1.0, 0.25], np.float32), (3, 1))]
+    results = [relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](
+        *[tvm.runtime.tensor(a) for a in args]).numpy() for m in (fused, scheduled)]
+    np.testing.assert_array_equal(results[0], results[1])
+    q = np.clip(np.round(args[0] * 4.0) + 7.0, 0, 15)
+    np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
