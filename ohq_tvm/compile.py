@@ -160,7 +160,7 @@ class Flow:
         o = self.options
         key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
                             kernels.isa_of(host.tvm).reduce_range)
-        cache = self.work_dir / host.key / "mqe" / f"{key}.json"
+        cache = self.work_dir / host.cpu_key / "mqe" / f"{key}.json"
         inputs = self.inputs_cache = cache.with_suffix(".inputs.npy")
         if cache.is_file():
             try:

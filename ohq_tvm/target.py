@@ -27,9 +27,14 @@ _TRIPLE_CC = {attrs["mtriple"]: cc for attrs, cc in _BOARDS.values()}
 @dataclass(frozen=True)
 class Target:
     tvm: tvm.target.Target
-    key: str               # stable name for tuning logs: kind-cpu-threads
+    cpu_key: str           # stable name of the CPU: kind-cpu (schedules and MQE results live under it)
     threads: int
     cross_cc: str | None   # None: runs here
+
+    @property
+    def key(self) -> str:
+        """kind-cpu-threads: the key of timings (OQA), which depend on the thread count."""
+        return f"{self.cpu_key}-t{self.threads}"
 
     @property
     def native(self) -> bool:
@@ -77,4 +82,4 @@ def parse_target(text: str, threads: int | None = None) -> Target:
     if triple and cross_cc is None and not triple.startswith("x86_64"):
         raise OhqError(f"no cross compiler known for mtriple {triple!r}")
     cpu = attrs.get("mcpu") or (triple or "generic").split("-")[0]
-    return Target(tvm=target, key=f"llvm-{cpu}-t{threads}", threads=threads, cross_cc=cross_cc)
+    return Target(tvm=target, cpu_key=f"llvm-{cpu}", threads=threads, cross_cc=cross_cc)

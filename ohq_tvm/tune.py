@@ -2,8 +2,9 @@
 
 TVM's default lowering leaves kernels unscheduled (40-100x slower than ONNX Runtime). Kernels that
 reduce (convs, matmuls, pooling, softmax) are tuned with MetaSchedule's XGBoost cost model; records
-live in a JSON database per target (``tuning_logs/<target key>/metaschedule``) and are re-applied
-without re-tuning: only tasks missing from the database are tuned. Injective kernels (elementwise,
+live in a JSON database per CPU (``tuning_logs/<kind-cpu>/metaschedule``, shared by thread counts: a
+schedule tuned at 2 threads is replayed at 1) and are re-applied without re-tuning: only tasks missing
+from the database are tuned. Injective kernels (elementwise,
 reshapes, MQE's fake quantizers) are memory-bound and get a fixed rule instead of a search:
 inline into one loop nest, parallel outer part, vectorized inner part.
 """
@@ -56,7 +57,7 @@ def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
 
 
 def database_dir(work_dir: Path, target: Target) -> Path:
-    return Path(work_dir) / target.key / "metaschedule"
+    return Path(work_dir) / target.cpu_key / "metaschedule"
 
 
 def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:

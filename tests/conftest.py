@@ -13,6 +13,18 @@ EFFNET = ROOT / "models" / "efficientnet_lite0.onnx"
 TUNING_LOGS = ROOT / "tuning_logs"
 
 
+def copy_logs(dst: Path, target, oqa: bool = True) -> Path:
+    """Copy this CPU's committed logs into work dir `dst`: MetaSchedule records and MQE caches and, with `oqa`,
+    the OQA timings of `target`'s thread count (so a test runs warm and never writes to the committed logs)."""
+    import shutil
+    dirs = [target.cpu_key] + ([target.key] if oqa else [])
+    for name in dirs:
+        if (TUNING_LOGS / name).is_dir():
+            shutil.copytree(TUNING_LOGS / name, dst / name, ignore=shutil.ignore_patterns("logs"),
+                            dirs_exist_ok=True)
+    return dst
+
+
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"ohq_tvm.{module}", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)

@@ -1,11 +1,10 @@
 """The whole OHQ flow through the CLI on the Fashion-MNIST model: measure -> mqe -> solve -> rewrite -> build."""
 import json
-import shutil
 import subprocess
 
 import pytest
 
-from conftest import FMNIST, TUNING_LOGS, run_cli
+from conftest import FMNIST, copy_logs, run_cli
 from ohq_tvm.data import fashion_mnist_test
 from ohq_tvm.runtime import Model
 from ohq_tvm.target import parse_target
@@ -16,10 +15,7 @@ TARGET = parse_target("llvm")
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory):
     """A copy of the committed logs (MetaSchedule records and OQA timings): the flow runs warm."""
-    path = tmp_path_factory.mktemp("logs")
-    if (TUNING_LOGS / TARGET.key).is_dir():
-        shutil.copytree(TUNING_LOGS / TARGET.key, path / TARGET.key)
-    return path
+    return copy_logs(tmp_path_factory.mktemp("logs"), TARGET)
 
 
 @pytest.fixture(scope="module")

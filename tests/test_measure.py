@@ -1,6 +1,5 @@
 """OQA: resumable tuning logs, the measure CLI, and measuring through an RPC tracker."""
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import FMNIST, ROOT, TUNING_LOGS, run_cli
+from conftest import FMNIST, ROOT, copy_logs, run_cli
 from ohq_tvm import kernels
 from ohq_tvm.layers import Layer
 from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search
@@ -70,9 +69,7 @@ def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path):
 
 
 def _copy_fp32_logs(work_dir):
-    src = TUNING_LOGS / TARGET.key / "metaschedule"
-    if src.is_dir():
-        shutil.copytree(src, work_dir / TARGET.key / "metaschedule")
+    copy_logs(work_dir, TARGET, oqa=False)
 
 
 def test_kill_and_resume_measures_nothing_twice(tmp_path):

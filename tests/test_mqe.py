@@ -1,12 +1,11 @@
 """MQE: the masked simulation matches the integer kernels and the FP32 model; estimators, distillation, CLI."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import tvm
 
-from conftest import FMNIST, TUNING_LOGS, layer_module, run_cli
+from conftest import FMNIST, copy_logs, layer_module, run_cli
 from ohq_tvm import kernels, mqe
 from ohq_tvm.errors import OhqError
 from ohq_tvm.frontend import Imported, load_onnx, run_onnxruntime
@@ -22,11 +21,7 @@ CONFIGS = candidates_for_bits([8, 4, 2, 1])
 @pytest.fixture(scope="module")
 def work_dir(tmp_path_factory):
     """A copy of the committed MetaSchedule records: the tests tune nothing."""
-    path = tmp_path_factory.mktemp("logs")
-    src = TUNING_LOGS / TARGET.key / "metaschedule"
-    if src.is_dir():
-        shutil.copytree(src, path / TARGET.key / "metaschedule")
-    return path
+    return copy_logs(tmp_path_factory.mktemp("logs"), TARGET, oqa=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FMNIST, TUNING_LOGS, run_cli
+from conftest import FMNIST, TUNING_LOGS, copy_logs, run_cli
 from ohq_tvm import tune
 from ohq_tvm.build import atomic_write
 from ohq_tvm.compile import kept_fp32
@@ -99,8 +99,7 @@ def test_damaged_metaschedule_database_is_a_clean_error(tmp_path, damage):
 
 def test_budget_below_the_feasible_minimum_names_it(tmp_path):
     work_dir = tmp_path / "logs"
-    if (TUNING_LOGS / TARGET.key).is_dir():
-        shutil.copytree(TUNING_LOGS / TARGET.key, work_dir / TARGET.key, ignore=shutil.ignore_patterns("logs"))
+    copy_logs(work_dir, TARGET)
     result = run_cli("compile", FMNIST, "--latency-budget", "0.0001ms", "--no-baselines", "--bits", "8",
                      "--tune-trials", "0", "--work-dir", work_dir, "--output", tmp_path / "m.so", timeout=1200)
     assert result.returncode == 2 and one_clean_line(result), result.stderr
@@ -142,8 +141,7 @@ def test_seed_makes_the_flow_deterministic(tmp_path):
     outputs = {}
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):
         work_dir = tmp_path / f"logs_{run}"          # separate copies: the second run may not read the first's cache
-        if (TUNING_LOGS / TARGET.key).is_dir():
-            shutil.copytree(TUNING_LOGS / TARGET.key, work_dir / TARGET.key, ignore=shutil.ignore_patterns("logs"))
+        copy_logs(work_dir, TARGET)
         out = tmp_path / f"{run}.so"
         result = run_cli("compile", FMNIST, "--seed", seed, "--no-baselines", "--tune-trials", "0",
                          "--work-dir", work_dir, "--output", out, timeout=1800)    # default: with the loss check
