@@ -134,10 +134,28 @@ def bench_model(model: str, rounds: int) -> list[dict]:
             if s["report"] is not None:
                 rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                              "metric": "config", "value": s["report"].config})
+                for metric, value in predictions(s["report"]).items():
+                    rows.append({"model": model, "system": name, "threads": 2, "median_ms": None,
+                                 "metric": metric, "value": round(value, 4)})
                 if s["report"].mix_loss is not None:     # the flow's own data-free estimate of the KL
                     rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                                  "metric": "estimated_kl", "value": round(s["report"].mix_loss, 5)})
     return rows
+
+
+def predictions(report) -> dict[str, float]:
+    """What the flow predicted for its module at 2 threads (its latency model, fitted to the uniform-INT8 and FP32
+    modules), and for uniform INT8 the plain sum model of the OQA check: the layers' W8A8 kernel timings plus
+    the measured rest of the network (the FP32 module minus its layers' FP32 kernel timings)."""
+    out, uniform = {}, set(report.config.values())
+    if report.predicted_ms is not None and len(uniform) > 1:     # a uniform module is one the model was fitted to
+        out["predicted_ms"] = report.predicted_ms
+    layers = report.layers
+    if (report.fp32_ms and layers and uniform == {"W8A8"}
+            and all({"W8A8", "FP32"} <= set(c.candidates) for c in layers)):
+        rest = report.fp32_ms - sum(c.candidates["FP32"]["ms"] for c in layers)
+        out["predicted_ms"] = sum(c.candidates["W8A8"]["ms"] for c in layers) + rest
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -145,18 +163,19 @@ def markdown(rows: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         systems = list(dict.fromkeys(r["system"] for r in mine if r["metric"] == "latency_ms"))
-        acc = sorted({r["metric"] for r in mine} - {"latency_ms", "compile_seconds", "config", "error"})
+        acc = sorted({r["metric"] for r in mine} - {"latency_ms", "compile_seconds", "config", "error", "predicted_ms"})
+        predicted = {r["system"]: r["value"] for r in mine if r["metric"] == "predicted_ms"}
         lat = {(r["system"], r["threads"]): r["median_ms"] for r in mine if r["metric"] == "latency_ms"}
         val = {(r["system"], r["metric"]): r["value"] for r in mine if r["metric"] in acc}
         compile_s = {r["system"]: r["value"] for r in mine if r["metric"] == "compile_seconds"}
         int8 = {t: lat.get(("ohq_tvm int8", t)) for t in THREADS}
         lines += [f"**{model}**", "", "| system | " + " | ".join(f"ms @{t}T" for t in THREADS)
-                  + " | / our INT8 @2T | " + " | ".join(acc) + " | compile s |",
-                  "|---" * (len(THREADS) + 3 + len(acc)) + "|"]
+                  + " | / our INT8 @2T | predicted @2T (error) | " + " | ".join(acc) + " | compile s |",
+                  "|---" * (len(THREADS) + 4 + len(acc)) + "|"]
         for s in systems:
             ratio = lat.get((s, 2)) / int8[2] if int8[2] and lat.get((s, 2)) else None
             lines.append(f"| {s} | " + " | ".join(f"{lat.get((s, t), 0):.3f}" for t in THREADS)
-                         + f" | {'-' if ratio is None else f'{ratio:.2f}x'} | "
+                         + f" | {'-' if ratio is None else f'{ratio:.2f}x'} | {_prediction(predicted.get(s), lat.get((s, 2)))} | "
                          + " | ".join("-" if (s, m) not in val else f"{val[s, m]:.4f}" for m in acc)
                          + f" | {compile_s.get(s, '-')} |")
         lines += [f"- {r['system']}: {r['value']}" for r in mine if r["metric"] == "error"]
@@ -166,6 +185,12 @@ def markdown(rows: list[dict]) -> str:
                 lines.append(f"- {r['system']} compile stages (s): {stages}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _prediction(predicted: float | None, measured: float | None) -> str:
+    if predicted is None or not measured:
+        return "-"
+    return f"{predicted:.3f} ({predicted / measured - 1:+.0%})"
 
 
 def pareto_plot(rows: list[dict], path: Path) -> None:

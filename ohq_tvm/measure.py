@@ -26,6 +26,7 @@ import tvm
 import tvm_ffi
 import tvm.s_tir as s_tir
 import tvm.s_tir.meta_schedule as ms
+from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from . import kernels
 from .kernels import CANDIDATES, Config, Knobs
@@ -130,14 +131,19 @@ def _median_ms(result: ms.runner.RunnerResult) -> float | None:
 
 
 class Measurer:
-    """Builds and times kernels through MetaSchedule's builder and runner, counting both."""
+    """Builds kernels in a pool of worker processes and times them with MetaSchedule's runner, counting both."""
 
     def __init__(self, target: Target, runner: ms.runner.Runner | None = None, timeout_sec: float = 60,
                  guided_after: int = 24) -> None:
         os.environ["TVM_NUM_THREADS"] = str(target.threads)    # inherited by the runner's workers
         skip_gpu_intrinsics()
         self.target = target
-        self.builder = ms.builder.LocalBuilder(timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics)
+        # MetaSchedule's LocalBuilder starts new worker processes (each importing TVM, ~1.3 s) on every call,
+        # which was half of cold OQA's time; one pool is kept instead, its workers renewed every 32 builds
+        # (TVM renews them because they leak memory)
+        self.builders = PopenPoolExecutor(timeout=timeout_sec, initializer=skip_gpu_intrinsics,
+                                          maximum_process_uses=32)
+        self.timeout_sec = timeout_sec
         self.runner = runner or ms.runner.LocalRunner(
             timeout_sec=timeout_sec, initializer=skip_gpu_intrinsics,
             evaluator_config=EVALUATOR)
@@ -157,11 +163,22 @@ class Measurer:
         scores = self.model.predict(self.context, self._candidates(funcs))
         return np.argsort(-np.asarray(scores), kind="stable")[:keep].tolist()
 
-    def time(self, funcs: list[tvm.tirx.PrimFunc]) -> list[float | None]:
-        funcs = [f.with_attr("global_symbol", "main") for f in funcs]
-        built = self.builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": f}), self.target.tvm)
-                                    for f in funcs])
+    def build(self, funcs: list[tvm.tirx.PrimFunc]) -> list[ms.builder.BuilderResult]:
+        """Compile and export each function in the worker pool (the results of MetaSchedule's LocalBuilder)."""
+        jobs = [(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), self.target.tvm) for f in funcs]
+        results = []
+        for done in self.builders.map_with_error_catching(lambda job: _build_and_export(*job), jobs):
+            if done.status == StatusKind.COMPLETE:
+                results.append(ms.builder.BuilderResult(done.value, None))
+            elif done.status == StatusKind.TIMEOUT:
+                results.append(ms.builder.BuilderResult(None, f"build timed out after {self.timeout_sec} s"))
+            else:
+                results.append(ms.builder.BuilderResult(None, f"build failed: {done.value}"))
         self.builds += len(funcs)
+        return results
+
+    def time(self, funcs: list[tvm.tirx.PrimFunc]) -> list[float | None]:
+        built = self.build(funcs)
         ok = [i for i, b in enumerate(built) if b.error_msg is None]
         futures = self.runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu",
                                                          ms.arg_info.ArgInfo.from_prim_func(funcs[i])) for i in ok])
@@ -177,6 +194,11 @@ class Measurer:
             if b.artifact_path:
                 Path(b.artifact_path).unlink(missing_ok=True)
         return times
+
+
+def _build_and_export(mod: tvm.IRModule, target: tvm.target.Target) -> str:
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build, default_export
+    return default_export(default_build(mod, target, None))
 
 
 def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, keep: int = 3,

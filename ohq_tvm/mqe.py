@@ -44,6 +44,7 @@ from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
+REVISION = 1    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
 CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
 # Distillation differentiates the model with an unscheduled gradient module (no CPU schedule rules for it):
 # seconds for Fashion-MNIST-sized models, ~30 min for a ResNet-18 at 224x224. Beyond this many MACs per
@@ -85,6 +86,8 @@ def cache_key(model: str | Path, configs: list[Config], method: str, samples: in
     import hashlib
     h = hashlib.sha256(Path(model).read_bytes())
     h.update(repr((sorted(c.name for c in configs), method, samples, seed, reduce_range, CLIP_PERCENTILE)).encode())
+    if REVISION > 1:      # revision-1 caches (from before the field) keep their keys
+        h.update(f"revision {REVISION}".encode())
     if calibration_data is not None:
         path = Path(calibration_data)
         for f in sorted(path.rglob("*")) if path.is_dir() else [path]:

@@ -166,3 +166,13 @@ def test_cli_prints_and_writes_scores(work_dir, tmp_path):
     assert set(report["scores"]["conv2d0"]) == {"FP32", "W8A8", "W2A8", "W2A2"}
     bad = run_cli("mqe", FMNIST, "--sensitivity", "hessian")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_cache_key_follows_inputs_and_estimator_revision(monkeypatch):
+    configs = candidates_for_bits([8, 2])
+    key = lambda **kw: mqe.cache_key(FMNIST, kw.get("configs", configs), "mqe", 8, kw.get("seed", 0),  # noqa: E731
+                                     None, False)
+    assert key() == key() and key(seed=1) != key() and key(configs=configs[:2]) != key()
+    before = key()
+    monkeypatch.setattr(mqe, "REVISION", mqe.REVISION + 1)
+    assert key() != before
