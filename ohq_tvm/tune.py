@@ -4,9 +4,9 @@ TVM's default lowering leaves kernels unscheduled (40-100x slower than ONNX Runt
 reduce (convs, matmuls, pooling, softmax) are tuned with MetaSchedule's XGBoost cost model; records
 live in a JSON database per CPU (``tuning_logs/<kind-cpu>/metaschedule``, shared by thread counts: a
 schedule tuned at 2 threads is replayed at 1) and are re-applied without re-tuning: only tasks missing
-from the database are tuned. Injective kernels (elementwise,
-reshapes, MQE's fake quantizers) are memory-bound and get a fixed rule instead of a search:
-inline into one loop nest, parallel outer part, vectorized inner part.
+from the database are tuned. Injective kernels (elementwise, reshapes, MQE's fake quantizers) are
+memory-bound and get a fixed rule instead of a search: inline into one loop nest, parallel outer part,
+vectorized inner part.
 """
 from __future__ import annotations
 
