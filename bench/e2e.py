@@ -144,18 +144,9 @@ def bench_model(model: str, rounds: int) -> list[dict]:
 
 
 def predictions(report) -> dict[str, float]:
-    """What the flow predicted for its module at 2 threads (its latency model, fitted to the uniform-INT8 and FP32
-    modules), and for uniform INT8 the plain sum model of the OQA check: the layers' W8A8 kernel timings plus
-    the measured rest of the network (the FP32 module minus its layers' FP32 kernel timings)."""
-    out, uniform = {}, set(report.config.values())
-    if report.predicted_ms is not None and len(uniform) > 1:     # a uniform module is one the model was fitted to
-        out["predicted_ms"] = report.predicted_ms
-    layers = report.layers
-    if (report.fp32_ms and layers and uniform == {"W8A8"}
-            and all({"W8A8", "FP32"} <= set(c.candidates) for c in layers)):
-        rest = report.fp32_ms - sum(c.candidates["FP32"]["ms"] for c in layers)
-        out["predicted_ms"] = sum(c.candidates["W8A8"]["ms"] for c in layers) + rest
-    return out
+    """What the flow predicted for its module at 2 threads: the rest of the network (the uniform-INT8 module with
+    its integer kernels emptied) plus the chosen kernels' OQA timings."""
+    return {} if report.predicted_ms is None else {"predicted_ms": report.predicted_ms}
 
 
 def markdown(rows: list[dict]) -> str:

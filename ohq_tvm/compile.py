@@ -29,7 +29,7 @@ from .errors import OhqError, run_cli
 from .frontend import Imported, load_onnx, parse_shape, run_onnxruntime
 from .layers import Layer, find_layers, layer_table
 from .measure import Measurer, TuningLog, candidates_for_bits, measure_model, rpc_runner
-from .rewrite import LayerPlan, QuantizeLayers
+from .rewrite import LayerPlan, QuantizeLayers, hollow
 from .target import Target, parse_target
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")    # the ONNX operators the layer table draws from
@@ -41,7 +41,7 @@ SIMULATION_TRIALS = 8    # MetaSchedule trials per kernel of MQE's simulation: i
 class Options:
     """What the flow may choose and how it judges the choice."""
     bits: tuple[int, ...] = (8, 4, 2, 1)        # allowed weight / activation bit-widths
-    latency_budget: str | None = None           # "0.75" (of uniform INT8) or "12.5ms"; None: the fastest
+    latency_budget: str | None = None           # "0.75" (of uniform INT8, predicted) or "12.5ms"; None: the fastest
                                                 # configuration whose whole-model estimated loss is <= max_loss x INT8
     size_budget: int | None = None              # weight bytes
     exclude: tuple[str, ...] = ()               # "conv2d0" (kept FP32) or "conv2d0=W8A8"
@@ -144,10 +144,10 @@ class Flow:
             self.console.print("[yellow]FP32 kernels not matched to layers: FP32 not timed")
         log = TuningLog(self.work_dir / self.target.key / "oqa.jsonl", self.target)
         from rich.progress import Progress
-        with Progress(console=self.console, transient=True) as progress:
+        with Progress(console=self.console, transient=True) as progress, Measurer(self.target, runner) as measurer:
             unique = len({layer.workload for layer in self.layers})
             task = progress.add_task("OQA: measuring", total=unique * len(configs))
-            result = measure_model(self.layers, fp32, configs, Measurer(self.target, runner), log,
+            result = measure_model(self.layers, fp32, configs, measurer, log,
                                    lambda what: progress.update(task, advance=1, description=f"OQA: {what}"))
         self.console.print(f"OQA: {result.builds} builds, {result.measurements} measurements in {result.seconds:.1f} s")
         return {t.layer.id: {name: {"ms": ms, "knobs": t.knobs.get(name)} for name, ms in t.ms.items()
@@ -219,11 +219,13 @@ class Flow:
             plans[layer.id] = LayerPlan(cand, knobs, tuple(ranges[layer.id]))
         return plans
 
-    def build(self, plans: dict[str, LayerPlan]) -> tuple[object, list[dict]]:
+    def build(self, plans: dict[str, LayerPlan], rest: bool = False) -> tuple[object, list[dict], object | None]:
+        """The module of `plans`, the rewrite's records and, with `rest`, the same module with its integer
+        kernels emptied (rewrite.hollow): timed, the rest of the network."""
         rewrite = QuantizeLayers(plans, self.target.tvm)
-        mod = rewrite(self.imported.mod)
-        executable = build.compile_module(self.schedule(mod), self.target)
-        return executable, rewrite.records
+        scheduled = self.schedule(rewrite(self.imported.mod))
+        executable = build.compile_module(scheduled, self.target)
+        return executable, rewrite.records, build.compile_module(hollow(scheduled), self.target) if rest else None
 
     def time(self, *executables) -> list[float | None]:
         if not self.target.native:
@@ -247,33 +249,9 @@ def _options_table(timings: dict, scores: dict[str, dict[str, float]], layers: l
     return table
 
 
-@dataclass(frozen=True)
-class LatencyModel:
-    """predicted ms = fixed_ms + scale * (sum of the chosen kernels' OQA latencies).
-
-    Fitted to the two modules the flow times anyway, uniform INT8 and FP32: kernels timed alone do not
-    take exactly what they take inside the network (caches, thread wake-ups), the scale absorbs that;
-    fixed_ms is the rest of the network. Without both modules: scale 1 and the INT8 remainder."""
-    fixed_ms: float = 0.0
-    scale: float = 1.0
-
-    @classmethod
-    def fit(cls, int8_sum: float, int8_ms: float | None, fp32_sum: float, fp32_ms: float | None) -> "LatencyModel":
-        if int8_ms is None:
-            return cls()
-        if fp32_ms is not None and fp32_sum > int8_sum:
-            scale = (fp32_ms - int8_ms) / (fp32_sum - int8_sum)
-            fixed = int8_ms - scale * int8_sum
-            if scale > 0 and fixed >= 0:
-                return cls(fixed, scale)
-        return cls(max(int8_ms - int8_sum, 0.0))
-
-    def __call__(self, layers_ms: float) -> float:
-        return self.fixed_ms + self.scale * layers_ms
-
-
-def _problem(table: dict[str, dict], layers: list[Layer], model: LatencyModel,
+def _problem(table: dict[str, dict], layers: list[Layer], rest_ms: float,
              allowed: dict[str, frozenset[str]]) -> solve.Problem:
+    """predicted ms = the measured rest of the network + the chosen kernels' OQA latencies."""
     options = {}
     for layer in layers:
         row = dict(table[layer.id])
@@ -282,10 +260,10 @@ def _problem(table: dict[str, dict], layers: list[Layer], model: LatencyModel,
             # dequantize pass), which its own timing does not see: count it slower than W8A8 (a floor;
             # on EfficientNet-Lite0 such depthwise layers ran slower in FP32 although timed faster alone).
             row["FP32"] = {**row["FP32"], "ms": max(row["FP32"]["ms"], LINK_FLOOR * row["W8A8"]["ms"])}
-        options[layer.id] = [solve.Option(name, model.scale * v["ms"], v["loss"],
+        options[layer.id] = [solve.Option(name, v["ms"], v["loss"],
                                           layer.weight_bytes(kernels.parse_config(name).wbits))
                              for name, v in row.items()]
-    return solve.Problem(options, model.fixed_ms, allowed=allowed)
+    return solve.Problem(options, rest_ms, allowed=allowed)
 
 
 def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shape: tuple[int, ...] | None = None,
@@ -334,30 +312,31 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
     table = _options_table(timings, sens.scores, flow.layers) if timings else {}
 
     fp32_ms = uniform_ms = None
+    rest_ms = 0.0      # the latency outside the quantized layers; unknown (0) on a target this CPU cannot time
     int8 = flow.uniform("W8A8")
     if options.baselines and target.native:
         with _stage(stages, "baselines"):
             fp32_exe = build.compile_module(fp32_scheduled, target)
-            int8_exe, int8_records = flow.build(flow.plan(int8, timings, ranges))
-            fp32_ms, uniform_ms = flow.time(fp32_exe, int8_exe)
+            int8_exe, int8_records, rest_exe = flow.build(flow.plan(int8, timings, ranges), rest=True)
+            fp32_ms, uniform_ms, rest_ms = flow.time(fp32_exe, int8_exe, rest_exe)
     layer_ms = lambda choice: sum(table[lid][name]["ms"] for lid, name in choice.items()   # noqa: E731
                                   if name in table.get(lid, {}))
-    latency = LatencyModel.fit(layer_ms(int8), uniform_ms, layer_ms(flow.uniform("FP32")), fp32_ms) if table \
-        else LatencyModel()
 
     budget_ms, front, mix, int8_mix = None, [], None, None
     with _stage(stages, "solve"):
         if fixed_choice is not None:
             choice = dict(fixed_choice)
         else:
-            problem = _problem(table, flow.layers, latency, allowed)
+            problem = _problem(table, flow.layers, rest_ms, allowed)
             check = flow.mix_loss(sens)
             int8_mix = check(int8)
             limit = (1.0 if options.max_loss is None else options.max_loss) * int8_mix
             if options.latency_budget is None:     # as fast as possible at no more estimated loss than INT8
                 solution = solve.fastest_checked(problem, lambda c: check(c) <= limit, int8, options.size_budget)
             else:
-                reference = uniform_ms if uniform_ms is not None else latency(layer_ms(int8))
+                # a fraction of uniform INT8 as the model predicts it: the model's own scale, steadier than one
+                # noisy timing of the module
+                reference = rest_ms + layer_ms(int8)
                 budget_ms = solve.parse_budget(options.latency_budget, reference)
                 solution = solve.solve(problem, budget_ms, options.size_budget)
                 if options.max_loss is not None and check(solution.config) > limit:
@@ -377,11 +356,11 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         if options.baselines and target.native and choice == int8:
             executable, records = int8_exe, int8_records
         else:
-            executable, records = flow.build(flow.plan(choice, timings, ranges))
+            executable, records, _ = flow.build(flow.plan(choice, timings, ranges))
     with _stage(stages, "time"):
         measured = None
-        if options.baselines and target.native:     # the final figures: all three modules side by side
-            fp32_ms, uniform_ms, measured = flow.time(fp32_exe, int8_exe, executable)
+        if options.baselines and target.native:     # the final figures: all four modules side by side
+            fp32_ms, uniform_ms, rest_ms, measured = flow.time(fp32_exe, int8_exe, rest_exe, executable)
     notes: list[str] = []
     if fixed_choice is None and measured is not None and uniform_ms is not None and choice != int8 \
             and (budget_ms is None or budget_ms < uniform_ms) and measured > 1.02 * uniform_ms:
@@ -392,8 +371,9 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
                      f"slower than uniform INT8 ({uniform_ms:.3f} ms): uniform INT8 is shipped instead")
         choice, executable, records, measured = int8, int8_exe, int8_records, uniform_ms
         mix = int8_mix
-    predicted = latency(layer_ms(choice)) if table and all(n in table.get(l, {}) for l, n in choice.items()) \
-        else None
+    def predicted(config: dict[str, str]) -> float | None:
+        known = table and all(name in table.get(lid, {}) for lid, name in config.items())
+        return rest_ms + layer_ms(config) if known else None
     choices = [report.layer_choice(layer, choice[layer.id], table[layer.id]) if choice[layer.id] in table.get(
         layer.id, {}) else report.LayerChoice(layer.id, layer.kind, choice[layer.id], math.nan, math.nan, {})
         for layer in flow.layers]
@@ -404,10 +384,11 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
     if mix is not None and int8_mix and mix > 3 * int8_mix:
         notes.append(f"estimated whole-model loss {mix:.3g} is {mix / int8_mix:.0f}x uniform INT8's ({int8_mix:.3g}): "
                      "expect a large accuracy drop (--max-loss bounds it)")
-    rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted, measured, uniform_ms,
-                        fp32_ms, latency.fixed_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
+    rep = report.Report(model.stem, target.key, target.threads, objective, budget_ms, choice, predicted(choice),
+                        measured, uniform_ms, fp32_ms, rest_ms, sum(c.loss for c in choices if not math.isnan(c.loss)),
                         f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes,
-                        kept_fp32(imported.ops, len(flow.layers), records), latency.scale, mix, int8_mix)
+                        kept_fp32(imported.ops, len(flow.layers), records), mix_loss=mix, int8_mix_loss=int8_mix,
+                        int8_predicted_ms=predicted(int8) if uniform_ms is not None else None)
     stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
     return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
 
@@ -446,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     common_args(parser)
     parser.add_argument("--output", "-o", type=Path, help="output .so (default: ./<model name>.so)")
     parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
-    parser.add_argument("--latency-budget", help="a fraction of the uniform-INT8 latency (e.g. 0.75) or ms (e.g. "
+    parser.add_argument("--latency-budget", help="a fraction of the predicted uniform-INT8 latency (e.g. 0.75) or ms (e.g. "
                                                  "12.5ms); default: the fastest configuration whose estimated "
                                                  "whole-model loss is at most uniform INT8's")
     parser.add_argument("--size-budget", type=int, help="total weight bytes of the quantizable layers")

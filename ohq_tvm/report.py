@@ -31,7 +31,7 @@ class Report:
     measured_ms: float | None
     uniform_int8_ms: float | None
     fp32_ms: float | None
-    fixed_ms: float                   # latency outside the quantizable layers (the latency model's constant)
+    fixed_ms: float                   # latency outside the quantized layers: uniform INT8 with its kernels emptied
     estimated_loss: float
     sensitivity: str                  # estimator name and input source
     layers: list[LayerChoice]
@@ -39,9 +39,9 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)       # e.g. a fallback the flow took after measuring
     kept_fp32: dict[str, int] = field(default_factory=dict)  # ONNX operators not quantized: op type -> count
-    latency_scale: float = 1.0        # predicted = fixed_ms + latency_scale * sum of the chosen kernels' ms
     mix_loss: float | None = None     # estimated KL from FP32 with every layer quantized as chosen (MQE inputs)
     int8_mix_loss: float | None = None   # the same for uniform INT8
+    int8_predicted_ms: float | None = None   # OQA's latency check: fixed_ms + the layers' W8A8 kernel timings
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,6 +71,11 @@ def summary_lines(report: Report) -> list[str]:
     lines = [f"predicted {fmt(report.predicted_ms)}, measured {fmt(report.measured_ms)}"
              + (f" (prediction error {report.prediction_error:+.1%})" if report.prediction_error is not None else ""),
              f"uniform INT8 {fmt(report.uniform_int8_ms)}, FP32 {fmt(report.fp32_ms)}"]
+    if report.int8_predicted_ms is not None and report.uniform_int8_ms:
+        error = report.int8_predicted_ms / report.uniform_int8_ms - 1
+        lines.append(f"latency check: uniform INT8 predicted {fmt(report.int8_predicted_ms)} (its layers' OQA timings + "
+                     f"the rest of the network, {fmt(report.fixed_ms)}), measured {fmt(report.uniform_int8_ms)}: "
+                     f"error {error:+.1%}")
     if report.mix_loss is not None:
         lines.append(f"estimated whole-model loss (KL vs FP32) {report.mix_loss:.3g}, uniform INT8 "
                      f"{report.int8_mix_loss:.3g}")

@@ -26,6 +26,7 @@ from .kernels import ActQuant, Config, Io, Knobs
 from .layers import Layer, copy_module, layer_weights
 
 OPAQUE = 8   # relay/relax OpPatternKind kOpaque: FuseOps never fuses across the kernel
+KERNEL_PREFIX = "ohq_"    # the names of the integer kernels the pass adds
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class _Rewriter(PyExprMutator):
         if key not in self.kernels:
             func = kernels.build(layer, config, plan.knobs, self.target, io)
             func = func.with_attr({"op_pattern": OPAQUE, "tir.is_scheduled": True})
-            name = f"ohq_{layer.op}_{config.name.lower()}_{len(self.kernels)}"
+            name = f"{KERNEL_PREFIX}{layer.op}_{config.name.lower()}_{len(self.kernels)}"
             self.kernels[key] = self.builder_.add_func(func.without_attr("global_symbol"), name)
         self.records.append({"layer": layer.id, "config": config.name, "kernel": self.kernels[key].name_hint,
                              "knobs": [plan.knobs.tile_w, plan.knobs.tile_o],
@@ -202,3 +203,10 @@ class QuantizeLayers:
         rewriter.builder_.update_func(mod.get_global_var("main"), main)
         self.records = sorted(rewriter.records, key=lambda r: r["layer"])
         return relax.transform.DeadCodeElimination(entry_functions=["main"])(rewriter.builder_.get())
+
+
+def hollow(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with the body of every integer kernel emptied: built and timed, what the network costs besides its
+    quantized layers (glue ops, FP32 layers, the VM's calls and allocations)."""
+    return tvm.IRModule({gv: func.with_body(tvm.tirx.Evaluate(0)) if gv.name_hint.startswith(KERNEL_PREFIX)
+                         else func for gv, func in mod.functions.items()}, attrs=mod.attrs)

@@ -21,7 +21,7 @@ def work_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flow(work_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("flow") / "fmnist.so"
-    # budget 1.0: uniform INT8 itself fits (the latency model is fitted to its measured latency), so the
+    # budget 1.0: uniform INT8 itself fits (the budget is a fraction of its predicted latency), so the
     # budgeted path runs whatever this noisy machine measures for a 50-us model
     result = run_cli("compile", FMNIST, "--output", out, "--work-dir", work_dir, "--bits", "8,4,2,1",
                      "--latency-budget", "1.0", "--tune-trials", "0", timeout=1800)
@@ -45,6 +45,8 @@ def test_writes_module_sidecar_reports_and_plots(flow):
     for layer in report["layers"]:        # the solver took a measured, estimated candidate for every layer
         assert layer["config"] in layer["candidates"] and layer["ms"] == layer["candidates"][layer["config"]]["ms"]
     assert "conv2d0" in result.stdout and "predicted" in result.stdout
+    # OQA's latency check: the measured rest plus the layers' W8A8 timings, against uniform INT8 measured
+    assert 0 < report["fixed_ms"] < report["int8_predicted_ms"] and "latency check" in result.stdout
     assert report["kept_fp32"].get("Add", 0) >= 1 and "BatchNormalization" not in report["kept_fp32"]
     assert "operators kept FP32" in out.with_suffix(".report.md").read_text()
     sidecar = json.loads(out.with_suffix(".quant.json").read_text())

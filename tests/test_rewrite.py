@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from ohq_tvm import kernels
 from ohq_tvm.frontend import load_onnx
 from ohq_tvm.layers import find_layers
-from ohq_tvm.rewrite import LayerPlan, QuantizeLayers
+from ohq_tvm.rewrite import KERNEL_PREFIX, LayerPlan, QuantizeLayers, hollow
 from ohq_tvm.target import parse_target
 from conftest import FMNIST, layer_module
 
@@ -82,3 +83,20 @@ def test_quantized_neighbours_pass_codes():
     assert sum(r["input"] == "codes" for r in linked.records) == len(handed)
     assert all(r["input"] == r["output"] == "float" for r in floats.records)
     np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+def test_hollow_empties_the_integer_kernels_and_nothing_else():
+    """The module the rest of the network is timed on (the latency model's constant)."""
+    rng = np.random.default_rng(3)
+    mod, w, b, clamp = conv_block("conv", rng, "relu")
+    [layer] = find_layers(mod)
+    config = kernels.parse_config("W8A8")
+    plan = {layer.id: LayerPlan(config, kernels.knob_space(layer, config, ISA)[0], (-1.0, 3.0))}
+    quantized = QuantizeLayers(plan, TARGET.tvm)(mod)
+    emptied = hollow(quantized)
+    changed = [gv.name_hint for gv, func in quantized.functions.items()
+               if not tvm_ffi.structural_equal(func, emptied[gv.name_hint])]
+    assert len(changed) == 1 and changed[0].startswith(KERNEL_PREFIX)
+    assert isinstance(emptied[changed[0]].body, tvm.tirx.Evaluate)
+    x = rng.uniform(-1.5, 3.5, layer.input_shape).astype(np.float32)
+    assert run(emptied, x).shape == run(quantized, x).shape
