@@ -60,16 +60,27 @@ def database_dir(work_dir: Path, target: Target) -> Path:
     return Path(work_dir) / target.cpu_key / "metaschedule"
 
 
+_opened: dict[Path, tuple[tuple, ms.database.JSONDatabase]] = {}
+
+
 def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
-    path = database_dir(work_dir, target)
+    """The database of `work_dir`, parsed once per process while its files are unchanged (a compile
+    schedules several modules, each reading it twice: 2 s a read with the committed records)."""
+    path = database_dir(work_dir, target).resolve()
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        _check_json_lines(path / name)
+    files = [path / name for name in ("database_workload.json", "database_tuning_record.json")]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
+    if path in _opened and _opened[path][0] == stamp:
+        return _opened[path][1]
+    for file in files:
+        _check_json_lines(file)
     try:
-        return ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
+        db = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural")
     except Exception as e:  # TVM's own parse errors
         raise OhqError(f"tuning database {path} is unreadable ({last_line(e, 200)}); "
                        "move it away to re-tune") from None
+    _opened[path] = (stamp, db)
+    return db
 
 
 def _check_json_lines(file: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 
 from conftest import EFFNET, FMNIST, TUNING_LOGS, run_cli
 from ohq_tvm import tune
+from ohq_tvm.errors import OhqError
 from ohq_tvm.frontend import load_onnx, run_onnxruntime
 from ohq_tvm.runtime import Model
 from ohq_tvm.target import parse_target
@@ -137,3 +138,16 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     np.testing.assert_array_equal(results[0], results[1])
     q = np.clip(np.round(args[0] * 4.0) + 7.0, 0, 15)
     np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
+
+
+def test_tuning_database_is_parsed_once_while_its_files_are_unchanged(tmp_path):
+    target = parse_target("llvm")
+    path = tune.database_dir(tmp_path, target)
+    path.mkdir(parents=True)
+    (path / "database_workload.json").write_text("")
+    (path / "database_tuning_record.json").write_text("")
+    first = tune._database(tmp_path, target)
+    assert tune._database(tmp_path, target) is first
+    (path / "database_workload.json").write_text("not a record\n")      # changed: read (and checked) again
+    with pytest.raises(OhqError, match="line 1 is corrupt"):
+        tune._database(tmp_path, target)
