@@ -1,5 +1,6 @@
 """OQA: resumable tuning logs, the measure CLI, and measuring through an RPC tracker."""
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -19,48 +20,62 @@ TARGET = parse_target("llvm")
 LAYER = Layer("conv2d0", "conv2d", "conv", (1, 8, 8, 16), (16, 3, 3, 16), (1, 8, 8, 16), (1, 1), (1, 1, 1, 1))
 
 
+@pytest.fixture
+def measurers():
+    """Makes Measurers whose build workers are stopped after the test: orphaned, they outlived pytest and
+    slowed later 2-thread timings on this 2-core machine."""
+    made = []
+
+    def make(*args) -> Measurer:
+        made.append(Measurer(*args))
+        return made[-1]
+    yield make
+    for measurer in made:
+        measurer.close()
+
+
 def test_candidates_for_bits():
     names = [c.name for c in candidates_for_bits([8, 4, 2])]
     assert names == ["FP32", "W8A8", "W4A8", "W2A8", "W4A4", "W2A2"]
     assert len(candidates_for_bits([8, 4, 2, 1])) == len(kernels.CANDIDATES)
 
 
-def test_search_logs_every_timing_and_resumes(tmp_path):
+def test_search_logs_every_timing_and_resumes(tmp_path, measurers):
     path = tmp_path / "oqa.jsonl"
-    measurer = Measurer(TARGET)
+    measurer = measurers(TARGET)
     config = kernels.parse_config("W8A8")
     first = search(LAYER, config, measurer, TuningLog(path, TARGET))
     assert first.final and first.ms > 0 and measurer.measurements >= 1
     lines = [json.loads(l) for l in path.read_text().splitlines()]
     assert sum(not l["final"] for l in lines) == measurer.measurements
-    again = Measurer(TARGET)
+    again = measurers(TARGET)
     assert search(LAYER, config, again, TuningLog(path, TARGET)) == first
     assert again.measurements == 0 and again.builds == 0
 
 
-def test_a_hopeless_candidate_is_timed_once_not_refined(tmp_path):
+def test_a_hopeless_candidate_is_timed_once_not_refined(tmp_path, measurers):
     layer = Layer("conv2d0", "conv2d", "conv", (1, 8, 8, 32), (64, 3, 3, 32), (1, 8, 8, 64), (1, 1), (1, 1, 1, 1))
     config = kernels.parse_config("W2A2")
     assert len(kernels.knob_space(layer, config, kernels.isa_of(TARGET.tvm))) > 1
-    measurer = Measurer(TARGET)
+    measurer = measurers(TARGET)
     record = search(layer, config, measurer, TuningLog(tmp_path / "oqa.jsonl", TARGET), give_up_ms=1e-6)
     assert record.final and record.ms > 1e-6 and measurer.measurements == measurer.builds == 2   # timed, confirmed
 
 
-def test_records_of_an_older_template_revision_are_measured_again(tmp_path, monkeypatch):
+def test_records_of_an_older_template_revision_are_measured_again(tmp_path, monkeypatch, measurers):
     path = tmp_path / "oqa.jsonl"
     config = kernels.parse_config("W1A1")
-    first = search(LAYER, config, Measurer(TARGET), TuningLog(path, TARGET))
+    first = search(LAYER, config, measurers(TARGET), TuningLog(path, TARGET))
     assert first.revision == kernels.REVISIONS["bitserial"]
     monkeypatch.setitem(kernels.REVISIONS, "bitserial", first.revision + 1)
-    again = Measurer(TARGET)
+    again = measurers(TARGET)
     second = search(LAYER, config, again, TuningLog(path, TARGET))
     assert again.measurements >= 1 and second.revision == first.revision + 1
 
 
-def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path):
+def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, measurers):
     path = tmp_path / "oqa.jsonl"
-    search(LAYER, kernels.parse_config("W2A2"), Measurer(TARGET), TuningLog(path, TARGET))
+    search(LAYER, kernels.parse_config("W2A2"), measurers(TARGET), TuningLog(path, TARGET))
     good = path.read_text()
     path.write_text(good + '{"tvm": "0.27.0.post1", "targ\n' + "not json\n")
     with pytest.warns(UserWarning, match="corrupt tuning record"):
@@ -78,11 +93,14 @@ def test_kill_and_resume_measures_nothing_twice(tmp_path):
     cmd = [sys.executable, "-m", "ohq_tvm.measure", str(FMNIST), "--bits", "8,2", "--work-dir", str(tmp_path),
            "--tune-trials", "0"]
     log = tmp_path / TARGET.key / "oqa.jsonl"
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, killed whole: the build and timing workers must not outlive the test (idle
+    # orphans still slowed later 2-thread timings on this 2-core machine)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 8):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = len(log.read_text().splitlines())
     assert killed_at >= 8
@@ -109,27 +127,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_measure_through_rpc_tracker_on_localhost(tmp_path):
+def test_measure_through_rpc_tracker_on_localhost(tmp_path, measurers):
     port = _free_port()
     tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                 "--port", str(port), "--port-end", str(port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     server = None
     try:
         time.sleep(2)
         server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
                                    "--key", "ohq-test", "--host", "127.0.0.1"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(3)
         from ohq_tvm.measure import rpc_runner
-        measurer = Measurer(TARGET, rpc_runner(f"127.0.0.1:{port}", "ohq-test", 60))
+        measurer = measurers(TARGET, rpc_runner(f"127.0.0.1:{port}", "ohq-test", 60))
         record = search(LAYER, kernels.parse_config("W8A8"), measurer, TuningLog(tmp_path / "rpc.jsonl", TARGET))
         assert record.final and record.ms is not None and record.ms > 0
         assert measurer.measurements >= 1
     finally:
-        for proc in (server, tracker):
+        for proc in (server, tracker):     # with the server's session workers
             if proc is not None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
