@@ -134,19 +134,13 @@ def bench_model(model: str, rounds: int) -> list[dict]:
             if s["report"] is not None:
                 rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                              "metric": "config", "value": s["report"].config})
-                for metric, value in predictions(s["report"]).items():
+                if s["report"].predicted_ms is not None:    # the latency model's figure for the module at 2 threads
                     rows.append({"model": model, "system": name, "threads": 2, "median_ms": None,
-                                 "metric": metric, "value": round(value, 4)})
+                                 "metric": "predicted_ms", "value": round(s["report"].predicted_ms, 4)})
                 if s["report"].mix_loss is not None:     # the flow's own data-free estimate of the KL
                     rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                                  "metric": "estimated_kl", "value": round(s["report"].mix_loss, 5)})
     return rows
-
-
-def predictions(report) -> dict[str, float]:
-    """What the flow predicted for its module at 2 threads: the rest of the network (the uniform-INT8 module with
-    its integer kernels emptied) plus the chosen kernels' OQA timings."""
-    return {} if report.predicted_ms is None else {"predicted_ms": report.predicted_ms}
 
 
 def markdown(rows: list[dict]) -> str:
