@@ -167,8 +167,12 @@ def _injective(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def schedule_injective(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm.tirx.PrimFunc:
-    """Every stage inlined into its consumer; each remaining loop nest fused, split into vector lanes, the
-    outer part parallel when the kernel is big enough to pay for waking the thread pool."""
+    """Every stage inlined into its consumer; each remaining loop nest becomes rows x one row. The row (the
+    innermost loop of extent > 1) is vectorized: split into 16, 8 or 4 lanes, whole if short and odd,
+    unrolled if shorter than 4 (a transpose's channels). The rows are fused and run parallel when the kernel
+    is big enough to pay for waking the thread pool. Lanes never straddle two rows: fusing the whole nest
+    leaves a div/mod per lane that LLVM cannot vectorize (10x slower on a 24-channel add, 16x on the
+    input's NCHW -> NHWC transpose)."""
     sch = s_tir.Schedule(func)
     for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
         try:
@@ -179,14 +183,23 @@ def schedule_injective(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm
         loops = sch.get_loops(block)
         if not loops:
             continue
-        loop = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        extent = int(sch.get(loop).extent)
-        lanes = next((v for v in (16, 8, 4) if extent % v == 0 and extent > v), None)
-        outer, inner = sch.split(loop, [None, lanes]) if lanes else (loop, None)
-        if extent >= parallel_min:
-            sch.parallel(outer)
-        if inner is not None:
-            sch.vectorize(inner)
+        extents = [int(sch.get(loop).extent) for loop in loops]
+        cut = max((i for i, e in enumerate(extents) if e > 1), default=0)
+        row = sch.fuse(*loops[cut:]) if len(loops) > cut + 1 else loops[cut]
+        rows = (sch.fuse(*loops[:cut]) if cut > 1 else loops[0]) if math.prod(extents[:cut]) > 1 else None
+        width = extents[cut]
+        if width < 4:
+            sch.unroll(row)
+        else:
+            lanes = next((v for v in (16, 8, 4) if width % v == 0), None)
+            if lanes is None and width <= 64:
+                vector = row
+            else:
+                chunks, vector = sch.split(row, [None, lanes or 16])
+                rows = rows or chunks
+            sch.vectorize(vector)
+        if rows is not None and math.prod(extents) >= parallel_min:
+            sch.parallel(rows)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 

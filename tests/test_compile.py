@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import EFFNET, FMNIST, TUNING_LOGS, run_cli
+from tvm import relax
 from ohq_tvm import tune
 from ohq_tvm.errors import OhqError
 from ohq_tvm.frontend import load_onnx, run_onnxruntime
@@ -138,6 +139,36 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     np.testing.assert_array_equal(results[0], results[1])
     q = np.clip(np.round(args[0] * 4.0) + 7.0, 0, 15)
     np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes, op, lanes", [
+    ([(1, 3, 224, 224)], lambda x: relax.op.permute_dims(x, [0, 2, 3, 1]), None),   # 3 channels: unrolled
+    ([(1, 56, 56, 24), (1, 56, 56, 24)], relax.op.add, 8),
+    ([(1, 64, 56, 56), (1, 64, 1, 1)], relax.op.add, 8),
+    ([(1, 7, 7, 1280)], lambda x: relax.op.permute_dims(x, [0, 3, 1, 2]), 7),      # odd row: one 7-lane vector
+    ([(1, 1, 65536)], lambda x: relax.op.clip(x, 0, 6), 16),
+])
+def test_injective_rule_vectorizes_rows_not_across_them(shapes, op, lanes):
+    """The rule's lanes stay inside the innermost loop (a row), whatever the shape: values as numpy's."""
+    import tvm
+    rng = np.random.default_rng(0)
+    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", xs):
+        with bb.dataflow():
+            out = bb.emit_output(op(*xs))
+        bb.emit_func_output(out)
+    func = next(f for f in relax.transform.LegalizeOps()(bb.get()).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    scheduled = tune.schedule_injective(func)
+    script = scheduled.script()
+    assert (f"T.vectorized(T.int64({lanes}))" in script) if lanes else ("T.unroll(T.int64(3))" in script and "T.vectorized" not in script), script
+    lib = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=parse_target("llvm").tvm)
+    args = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    reference = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())["main"](
+        *[tvm.runtime.tensor(a) for a in args]).numpy()
+    result = tvm.runtime.tensor(np.zeros(reference.shape, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], result)
+    np.testing.assert_array_equal(result.numpy(), reference)
 
 
 def test_tuning_database_is_parsed_once_while_its_files_are_unchanged(tmp_path):
