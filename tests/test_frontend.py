@@ -14,6 +14,17 @@ def op_names(mod) -> set[str]:
     return set(re.findall(r"R\.([a-z_.0-9]+)\(", mod["main"].script(show_meta=False)))
 
 
+@pytest.mark.parametrize("model", [FMNIST, EFFNET], ids=["fmnist", "efficientnet"])
+def test_numpy_folding_is_exactly_tvms_constant_folding(model, monkeypatch):
+    """numpy folds the weights (BN into the convs, OHWI transposes) where FoldConstant compiled every
+    expression with LLVM: the same module, the same bits."""
+    import tvm
+    from ohq_tvm import frontend
+    folded = load_onnx(model).mod
+    monkeypatch.setattr(frontend, "numpy_fold", tvm.transform.module_pass(lambda mod, _: mod, opt_level=0, name="Off"))
+    tvm.ir.assert_structural_equal(folded, load_onnx(model).mod)
+
+
 def test_fmnist_import_folds_batchnorm_and_lists_layers():
     assert "BatchNormalization" in {n.op_type for n in onnx.load(str(FMNIST)).graph.node}
     imported = load_onnx(FMNIST)
