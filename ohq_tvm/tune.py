@@ -69,7 +69,7 @@ def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
     path = database_dir(work_dir, target).resolve()
     path.mkdir(parents=True, exist_ok=True)
     files = [path / name for name in ("database_workload.json", "database_tuning_record.json")]
-    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
+    stamp = tuple(_stamp(f) for f in files)
     if path in _opened and _opened[path][0] == stamp:
         return _opened[path][1]
     for file in files:
@@ -81,6 +81,14 @@ def _database(work_dir: Path, target: Target) -> ms.database.JSONDatabase:
                        "move it away to re-tune") from None
     _opened[path] = (stamp, db)
     return db
+
+
+def _stamp(file: Path) -> tuple[int, int] | None:
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def _check_json_lines(file: Path) -> None:
