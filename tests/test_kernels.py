@@ -143,3 +143,17 @@ def test_asm_uses_the_isa(config, mcpu, instruction):
     lib = tvm.tirx.build(tvm.IRModule({"main": kernels.build(layer, cfg, knobs, target).with_attr("global_symbol", "main")}),
                          target=target)
     assert re.search(rf"\b{instruction}\b", lib.inspect_source("asm"))
+
+
+@pytest.mark.parametrize("mcpu", ["znver3", "znver4"])
+def test_accumulators_live_on_the_stack(mcpu):
+    """A kernel that takes codes and hands codes on needs no buffer of its own: its accumulator tile is on the
+    stack, not a TVMBackendAllocWorkspace call per tile (what a "local"-scope tile costs)."""
+    target = parse_target(f'{{"kind": "llvm", "mcpu": "{mcpu}"}}').tvm
+    layer = conv_layer(24, 144, 14, 14, 1, 1, (0, 0, 0, 0))
+    cfg = kernels.parse_config("W8A8")
+    for knobs in kernels.knob_space(layer, cfg, kernels.isa_of(target)):
+        if knobs.tile_w * knobs.tile_o * kernels.isa_of(target).lanes * 4 < 1024:
+            func = kernels.build(layer, cfg, knobs, target, kernels.Io(codes_in=True, codes_out=True))
+            lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+            assert "TVMBackendAllocWorkspace" not in lib.inspect_source("asm"), knobs

@@ -114,8 +114,7 @@ def _schedule(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs) -> tvm.tirx.PrimF
     wo, wi = sch.split(w, [None, knobs.tile_w])
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
     sch.reorder(n, h, wo, oo, ry, rx, rc, i, j, wi, ob, oi)
-    sch.parallel(sch.fuse(n, h, wo, oo))
-    sch.set_scope(pairs, 0, "local")
+    sch.parallel(sch.fuse(n, h, wo, oo))      # plane-pair sums on the stack: see conv._schedule_dot
     sch.reverse_compute_at(blocks["dot"], sch.get_loops(pairs)[0], preserve_unit_loops=True)
     *_, do, dri, drj = sch.get_loops(blocks["dot"])
     sch.reorder(dri, drj, do)              # reduction outside, so the channels vectorize

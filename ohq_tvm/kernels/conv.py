@@ -220,18 +220,20 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, w
     rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
     outer = (oo, wo) if weights_outer else (wo, oo)
     sch.reorder(n, h, *outer, ry, rx, rco, rcm, wi, ob, oi, rci)
+    # The accumulator tile (and unpacked weights) keep the default "global" scope: TVM puts a global
+    # allocation under 1 KB (kMaxStackAlloca) inside the parallel loop on the stack, where LLVM keeps it
+    # in registers; a "local" one costs a TVMBackendAllocWorkspace call per tile (half the time of a
+    # 16-channel 1x1 conv). Larger tiles get the workspace call either way.
     sch.parallel(sch.fuse(n, h, *outer))
-    sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, sch.get_loops(acc)[0])
     _vectorize_inner(sch, out)
     if unpack:   # unpack the tile's weights next to their use (one byte load serves `per` blocks)
         wu = sch.get_sblock("wu")
         sch.compute_at(wu, rco)
-        sch.set_scope(wu, 0, "local")
         wl = sch.get_loops(wu)
         sch.vectorize(sch.fuse(wl[-2], wl[-1]))
-    intrin = isa.intrinsic("local" if unpack else "global", "local")
+    intrin = isa.intrinsic()
     for loop in (rcm, wi, ob):
         sch.unroll(loop)
     if intrin is None:      # vectorize before decompose_reduction, which would block it

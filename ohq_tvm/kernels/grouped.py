@@ -49,8 +49,7 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
     wo, wi = sch.split(w_, [None, knobs.tile_w])
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
     sch.reorder(n, h, wo, oo, lrc, lry, lrx, wi, ob, oi)
-    sch.parallel(sch.fuse(n, h, wo, oo))
-    sch.set_scope(block, 0, "local")
+    sch.parallel(sch.fuse(n, h, wo, oo))      # accumulators on the stack: see conv._schedule_dot
     out_block = sch.get_sblock("out")
     sch.reverse_compute_at(out_block, sch.get_loops(block)[0])
     _vectorize_inner(sch, out_block)

@@ -25,8 +25,8 @@ class Isa:
     registers: int      # vector registers, bounds the register tile
     reduce_range: bool  # 7-bit INT8 weights (vpmaddubsw saturation)
 
-    def intrinsic(self, b_scope: str, c_scope: str) -> str | None:
-        return None if self.name == "generic" else _register(self.name, self.lanes, b_scope, c_scope)
+    def intrinsic(self) -> str | None:
+        return None if self.name == "generic" else _register(self.name, self.lanes)
 
 
 def isa_of(target: tvm.target.Target) -> Isa:
@@ -57,11 +57,11 @@ _IMPLS = {"avx512-vnni": _vnni_impl, "avx2": _avx2_impl}
 
 
 @cache
-def _register(isa: str, lanes: int, b_scope: str, c_scope: str) -> str:
+def _register(isa: str, lanes: int) -> str:
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1, scope=b_scope),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
@@ -72,13 +72,13 @@ def _register(isa: str, lanes: int, b_scope: str, c_scope: str) -> str:
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1, scope=b_scope),
-             C: T.Buffer((lanes,), "int32", offset_factor=1, scope=c_scope)) -> None:
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
             C[T.ramp(T.int32(0), 1, lanes)] = _IMPLS[isa](A, B, C, lanes)
 
-    name = f"ohq_dot_u8s8_{isa}_{b_scope}_{c_scope}"
+    name = f"ohq_dot_u8s8_{isa}"
     s_tir.TensorIntrin.register(name, desc, impl, override=True)
     return name
