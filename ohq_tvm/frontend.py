@@ -144,13 +144,17 @@ class _ClampToOps(PyExprMutator):
         return call
 
 
-@tvm.transform.module_pass(opt_level=0, name="ClampToOps")
-def clamp_to_ops(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    mutator_ = _ClampToOps(mod)
+def _rewrite_functions(mutator_: PyExprMutator, mod: tvm.IRModule) -> tvm.IRModule:
+    """`mutator_` (built on `mod`) over every Relax function of `mod`, then the bindings it left dead dropped."""
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
             mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
     return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+
+
+@tvm.transform.module_pass(opt_level=0, name="ClampToOps")
+def clamp_to_ops(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    return _rewrite_functions(_ClampToOps(mod), mod)
 
 
 _NUMPY_OPS = {
@@ -202,11 +206,7 @@ class _NumpyFold(PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="NumpyFold")
 def numpy_fold(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    mutator_ = _NumpyFold(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator_.builder_.get())
+    return _rewrite_functions(_NumpyFold(mod), mod)
 
 
 def _bind_and_fold(mod: tvm.IRModule) -> tvm.IRModule:

@@ -151,9 +151,9 @@ def test_accumulators_live_on_the_stack(mcpu):
     stack, not a TVMBackendAllocWorkspace call per tile (what a "local"-scope tile costs)."""
     target = parse_target(f'{{"kind": "llvm", "mcpu": "{mcpu}"}}').tvm
     layer = conv_layer(24, 144, 14, 14, 1, 1, (0, 0, 0, 0))
-    cfg = kernels.parse_config("W8A8")
-    for knobs in kernels.knob_space(layer, cfg, kernels.isa_of(target)):
-        if knobs.tile_w * knobs.tile_o * kernels.isa_of(target).lanes * 4 < 1024:
+    cfg, isa = kernels.parse_config("W8A8"), kernels.isa_of(target)
+    for knobs in kernels.knob_space(layer, cfg, isa):
+        if knobs.tile_w * knobs.tile_o * isa.lanes * 4 < 1024:
             func = kernels.build(layer, cfg, knobs, target, kernels.Io(codes_in=True, codes_out=True))
             lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
             assert "TVMBackendAllocWorkspace" not in lib.inspect_source("asm"), knobs
