@@ -76,11 +76,15 @@ def exact_case(layer, config, knobs, isa, rng):
 
 
 def check_exact(layer, config, seed):
+    """The first two knob settings, the first with float input, the second taking the input codes."""
     rng = np.random.default_rng(seed)
-    for knobs in kernels.knob_space(layer, config, ISA)[:2]:
+    space = kernels.knob_space(layer, config, ISA)
+    for knobs, io in zip((space[0], space[min(1, len(space) - 1)]), (kernels.Io(), kernels.Io(codes_in=True))):
         args, want = exact_case(layer, config, knobs, ISA, rng)
-        got = run(compile_kernel(layer, config, knobs), layer, args)
-        np.testing.assert_array_equal(got, want, err_msg=f"{config.name} {knobs}")
+        if io.codes_in:
+            args[0] = (args[0] + args[3][1]).astype(np.uint8)     # input + zero point: the codes
+        got = run(compile_kernel(layer, config, knobs, io), layer, args)
+        np.testing.assert_array_equal(got, want, err_msg=f"{config.name} {knobs} {io}")
 
 
 @pytest.mark.parametrize("config", [c for c in INT_CONFIGS], ids=lambda c: c.name)

@@ -43,7 +43,10 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
         acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q, io), name="out")
 
     sch = s_tir.Schedule(te.create_prim_func([x, w, chan, q, out]))
-    schedule_elementwise(sch, sch.get_sblock("a"))
+    if io.codes_in:     # padding by bounds checks in the loads beat a padded copy (0.65-0.9x, AVX2)
+        sch.compute_inline(sch.get_sblock("a"))
+    else:               # float input: quantized once, not once per tap
+        schedule_elementwise(sch, sch.get_sblock("a"))
     block = sch.get_sblock("acc")
     n, h, w_, o, lry, lrx, lrc = sch.get_loops(block)
     wo, wi = sch.split(w_, [None, knobs.tile_w])
