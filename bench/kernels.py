@@ -1,8 +1,8 @@
 """Integer kernels vs onnxruntime FP32 / INT8 (QLinearConv, QLinearMatMul) on the same shapes.
 
 Writes bench/results/kernels.json: rows {"workload", "config", "impl": "tvm"|"ort", "threads", "median_ms"}.
-Our kernels take float input and give float output (quantization and epilogue included); ORT's
-INT8 operators take u8 and give u8, so the comparison is conservative for us.
+Like onnxruntime's INT8 operators, our kernels take u8 activation codes and give the next layer's u8 codes
+(epilogue and requantization included): the form of a layer between two quantized layers in a network.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def conv(c, h, o, k, stride=1, groups=1) -> Layer:
     oh = (h + 2 * pad - k) // stride + 1
     kind = "conv" if groups == 1 else "depthwise"
     return Layer("conv2d0", "conv2d", kind, (1, h, h, c), (o, k, k, c // groups), (1, oh, oh, o),
-                 (stride, stride), (pad,) * 4, (1, 1), groups)
+                 (stride, stride), (pad,) * 4, (1, 1), groups, codes_in=True, codes_out=True)
 
 
 def dense(m, k, n) -> Layer:
-    return Layer("matmul0", "matmul", "dense", (m, k), (k, n), (m, n))
+    return Layer("matmul0", "matmul", "dense", (m, k), (k, n), (m, n), codes_in=True, codes_out=True)
 
 
 WORKLOADS = {
