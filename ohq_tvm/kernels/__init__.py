@@ -38,7 +38,8 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 # The dot template's low-bit-weight variants (W4A8, W2A8) and its multi-row matmuls (weights-outer loop
 # order, every config; above every other dot revision) have their own.
 # Every template's accumulators moved from "local" scope to the stack (conv._schedule_dot): all up by one.
-# The grouped template pads codes in its loads instead of copying them: grouped 3.
+# The grouped template pads codes in its loads instead of copying them: grouped 3. Convs with more weights
+# than input pixels (Geometry.weights_outer) took the multi-row matmuls' loop order, hence their revision.
 REVISIONS = {"dot": 2, "dot-lowbit": 3, "dot-gemm": 4, "bitserial": 3, "grouped": 3}
 
 

@@ -61,9 +61,10 @@ class Geometry:
 
     @property
     def weights_outer(self) -> bool:
-        """A matmul over several rows with more weights than input: the loop over weight panels goes
-        outermost, so every row tile reuses a panel from cache instead of streaming the weights again."""
-        return self.kh == self.kw == self.h == 1 and 1 < self.w < self.o
+        """More weights than input pixels to reuse them on (a multi-row matmul, a late narrow conv): the loop
+        over weight panels goes outermost, so every pixel reuses a panel from cache instead of streaming the
+        weights again for each output row (ResNet-18's 7x7x512 3x3 conv reads 2.4 MB of weights)."""
+        return self.o * self.kh * self.kw > self.n * self.h * self.w > 1
 
     @classmethod
     def of(cls, layer: Layer) -> "Geometry":
@@ -218,13 +219,13 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, w
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
     per = 8 // wbits
     rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
-    outer = (oo, wo) if weights_outer else (wo, oo)
-    sch.reorder(n, h, *outer, ry, rx, rco, rcm, wi, ob, oi, rci)
+    spatial = (oo, n, h, wo) if weights_outer else (n, h, wo, oo)
+    sch.reorder(*spatial, ry, rx, rco, rcm, wi, ob, oi, rci)
     # The accumulator tile (and unpacked weights) keep the default "global" scope: TVM puts a global
     # allocation under 1 KB (kMaxStackAlloca) inside the parallel loop on the stack, where LLVM keeps it
     # in registers; a "local" one costs a TVMBackendAllocWorkspace call per tile (half the time of a
     # 16-channel 1x1 conv). Larger tiles get the workspace call either way.
-    sch.parallel(sch.fuse(n, h, *outer))
+    sch.parallel(sch.fuse(*spatial))
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, sch.get_loops(acc)[0])
     _vectorize_inner(sch, out)
