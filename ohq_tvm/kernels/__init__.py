@@ -35,18 +35,18 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 
 # A template's revision goes up when a change alters what it measures; tuning-log records of an older
 # revision are measured again (records carry the revision; logs without one are revision 1).
-# The dot template's low-bit-weight variants (W4A8, W2A8) and its multi-row matmuls (weights-outer loop
-# order, every config; above every other dot revision) have their own.
+# The dot template's low-bit-weight variants (W4A8, W2A8) and its weights-outer layers (Geometry.weights_outer:
+# multi-row matmuls and, since, convs with more weights than input pixels; every config; above every other dot
+# revision) have their own.
 # Every template's accumulators moved from "local" scope to the stack (conv._schedule_dot): all up by one.
-# The grouped template pads codes in its loads instead of copying them: grouped 3. Convs with more weights
-# than input pixels (Geometry.weights_outer) took the multi-row matmuls' loop order, hence their revision.
-REVISIONS = {"dot": 2, "dot-lowbit": 3, "dot-gemm": 4, "bitserial": 3, "grouped": 3}
+# The grouped template pads codes in its loads instead of copying them: grouped 3.
+REVISIONS = {"dot": 2, "dot-lowbit": 3, "dot-weights-outer": 4, "bitserial": 3, "grouped": 3}
 
 
 def revision(layer: Layer, config: Config) -> int:
     kind = family(layer, config)
     if kind == "dot" and Geometry.of(layer).weights_outer:
-        kind = "dot-gemm"
+        kind = "dot-weights-outer"
     elif kind == "dot" and config.wbits < 8:
         kind = "dot-lowbit"
     return REVISIONS[kind] if kind else 1
