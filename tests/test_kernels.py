@@ -50,9 +50,9 @@ def random_codes(rng, config, shape):
     return rng.integers(-qmax, qmax + 1, shape).astype(np.int8)
 
 
-def compile_kernel(layer, config, knobs, io=kernels.Io()):
-    func = kernels.build(layer, config, knobs, TARGET, io)
-    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+def compile_kernel(layer, config, knobs, io=kernels.Io(), target=TARGET):
+    func = kernels.build(layer, config, knobs, target, io)
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
 
 
 def run(lib, layer, args, dtype=np.float32):
@@ -75,15 +75,16 @@ def exact_case(layer, config, knobs, isa, rng):
     return args, want.astype(np.float32).reshape(layer.output_shape)
 
 
-def check_exact(layer, config, seed):
+def check_exact(layer, config, seed, target=TARGET):
     """The first two knob settings, the first with float input, the second taking the input codes."""
     rng = np.random.default_rng(seed)
-    space = kernels.knob_space(layer, config, ISA)
+    isa = kernels.isa_of(target)
+    space = kernels.knob_space(layer, config, isa)
     for knobs, io in zip((space[0], space[min(1, len(space) - 1)]), (kernels.Io(), kernels.Io(codes_in=True))):
-        args, want = exact_case(layer, config, knobs, ISA, rng)
+        args, want = exact_case(layer, config, knobs, isa, rng)
         if io.codes_in:
             args[0] = (args[0] + args[3][1]).astype(np.uint8)     # input + zero point: the codes
-        got = run(compile_kernel(layer, config, knobs, io), layer, args)
+        got = run(compile_kernel(layer, config, knobs, io, target), layer, args)
         np.testing.assert_array_equal(got, want, err_msg=f"{config.name} {knobs} {io}")
 
 
@@ -92,6 +93,28 @@ def check_exact(layer, config, seed):
 @given(layer=st.one_of(convs, denses), seed=st.integers(0, 2 ** 16))
 def test_dense_conv_and_matmul_bit_exact(config, layer, seed):
     check_exact(layer, config, seed)
+
+
+AVX2 = parse_target('{"kind": "llvm", "mcpu": "znver3"}').tvm
+
+
+@pytest.mark.skipif(kernels.isa_of(TARGET).name == "generic", reason="needs an AVX2 host")
+@pytest.mark.parametrize("config", ["W4A8", "W2A8"])
+@SETTINGS
+@given(layer=st.one_of(convs, denses), seed=st.integers(0, 2 ** 16))
+def test_avx2_int16_sums_of_lowbit_weights_bit_exact(config, layer, seed):
+    """On AVX2 (compiled for it whatever the host's ISA) low-bit weights sum several vpmaddubsw results in int16."""
+    check_exact(layer, kernels.parse_config(config), seed, AVX2)
+
+
+def test_avx2_int16_sums_cover_whole_channel_quads():
+    isa, w4 = kernels.isa_of(AVX2), kernels.parse_config("W4A8")
+    quads = {c: kernels.conv.int16_quads(Geometry.of(conv_layer(c, 8, 5, 5, 3, 1, (1, 1, 1, 1))), isa, 4)
+             for c in (3, 8, 24, 64)}
+    assert quads == {3: 2, 8: 2, 24: 2, 64: 4}     # 2 codes per byte, up to 4 quads (255 * 15 * 2 * 4 < 2^15)
+    assert kernels.conv.int16_quads(Geometry.of(conv_layer(64, 8, 5, 5, 3, 1, (1, 1, 1, 1))), isa, 8) == 1
+    vnni = kernels.isa_of(parse_target('{"kind": "llvm", "mcpu": "znver4"}').tvm)
+    assert kernels.conv.int16_quads(Geometry.of(dense_layer(1, 64, 8)), vnni, w4.wbits) == 1
 
 
 @pytest.mark.parametrize("config", [c for c in INT_CONFIGS if c.abits == 8], ids=lambda c: c.name)
@@ -136,6 +159,7 @@ def test_float_and_codes_io_match_simulation(config):
 
 @pytest.mark.parametrize("config, mcpu, instruction", [
     ("W8A8", "znver4", "vpdpbusd"), ("W8A8", "znver3", "vpmaddubsw"), ("W4A8", "znver4", "vpdpbusd"),
+    ("W4A8", "znver3", "vpaddw"),
     ("W2A2", "znver4", "vpopcntd"), ("W1A1", "znver4", "vpopcntd"),
 ])
 def test_asm_uses_the_isa(config, mcpu, instruction):

@@ -4,7 +4,8 @@
 |------------|---------------------|-------------------------------------------------------------|
 | dot        | W8A8, W4A8, W2A8    | u8 x s8 dot-4: vpdpbusd (AVX-512 VNNI), vpmaddubsw (AVX2),   |
 |            |                     | widening multiply-add (NEON, generic); low-bit weights are   |
-|            |                     | packed and unpacked in registers                             |
+|            |                     | packed and unpacked in registers, and on AVX2 summed in      |
+|            |                     | int16 over 4 channel quads before widening                   |
 | bitserial  | W4A4, W2A2, W1A2,   | bit-planes, AND + popcount, shifts in the epilogue           |
 |            | W1A1                |                                                              |
 | grouped    | any wbits, A8       | depthwise / grouped: multiply-adds vectorized over channels  |
@@ -40,15 +41,17 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 # revision) have their own.
 # Every template's accumulators moved from "local" scope to the stack (conv._schedule_dot): all up by one.
 # The grouped template pads codes in its loads instead of copying them: grouped 3.
-REVISIONS = {"dot": 2, "dot-lowbit": 3, "dot-weights-outer": 4, "bitserial": 3, "grouped": 3}
+# Low-bit weights accumulate several channel quads in int16 on AVX2 (conv.int16_quads): dot-lowbit 5, above
+# every other dot revision, weights-outer layers included.
+REVISIONS = {"dot": 2, "dot-weights-outer": 4, "dot-lowbit": 5, "bitserial": 3, "grouped": 3}
 
 
 def revision(layer: Layer, config: Config) -> int:
     kind = family(layer, config)
-    if kind == "dot" and Geometry.of(layer).weights_outer:
-        kind = "dot-weights-outer"
-    elif kind == "dot" and config.wbits < 8:
+    if kind == "dot" and config.wbits < 8:
         kind = "dot-lowbit"
+    elif kind == "dot" and Geometry.of(layer).weights_outer:
+        kind = "dot-weights-outer"
     return REVISIONS[kind] if kind else 1
 
 

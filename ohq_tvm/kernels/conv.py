@@ -171,16 +171,24 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         a = lambda n, h, w_, c: codes[n, h, w_, c]   # noqa: E731
 
     sh, sw = g.strides
+    quads = int16_quads(g, isa, wbits)
+    tile = lanes * nb
     if wbits == 8:
-        wu = w
+        def weight(o, y, xx, c):
+            return w[o // tile, y, xx, c // 4, (o // lanes) % nb, o % lanes, c % 4]
     else:
         mask = tvm.tirx.const((1 << wbits) - 1, "uint8")
         alpha, offset = weight_offset(wbits)     # stored u, weight alpha * u - offset
 
-        def unpack(ob, y, xx, cb, j, i, k):
+        def unpack(ob, y, xx, cq, j, quad, i, k):
+            cb = cq * quads + quad
             v = ((w[ob, y, xx, cb // per, j, i, k] >> ((cb % per) * wbits).astype("uint8")) & mask).astype("int8")
             return v + v if alpha == 2 else v
-        wu = te.compute((o_pad // (lanes * nb), g.kh, g.kw, c4 // 4, nb, lanes, 4), unpack, name="wu")
+        # laid out for the intrinsic: the `quads` channel quads one call reads are adjacent per lane block
+        wu = te.compute((o_pad // tile, g.kh, g.kw, c4 // (4 * quads), nb, quads, lanes, 4), unpack, name="wu")
+
+        def weight(o, y, xx, c):
+            return wu[o // tile, y, xx, c // (4 * quads), (o // lanes) % nb, (c // 4) % quads, o % lanes, c % 4]
         sc = te.reduce_axis((0, c4), "sc")
         csum = te.compute((g.n, g.hp, g.wp), lambda n, h, w_: te.sum(a(n, h, w_, sc).astype("int32"), axis=sc),
                           name="csum")      # per input pixel, then summed over the window
@@ -190,8 +198,7 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
 
     ry, rx, rc = te.reduce_axis((0, g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, c4), "rc")
     acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
-        a(n, h * sh + ry, w_ * sw + rx, rc).astype("int32")
-        * wu[o // (lanes * nb), ry, rx, rc // 4, (o // lanes) % nb, o % lanes, rc % 4].astype("int32"),
+        a(n, h * sh + ry, w_ * sw + rx, rc).astype("int32") * weight(o, ry, rx, rc).astype("int32"),
         axis=[ry, rx, rc], init=None if wbits == 8 else start[n, h, w_]), name="acc")
     out_shape = (g.n, g.oh, g.ow, g.o) if len(x_shape) == 4 else (g.ow, g.o)
     out_index = (lambda n, h, w_, o: (n, h, w_, o)) if len(x_shape) == 4 else (lambda m, o: (0, 0, m, o))
@@ -200,11 +207,28 @@ def dot_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs, wb
         n, h, w_, o = out_index(*idx)
         return epilogue_value(acc[n, h, w_, o].astype("float32") * chan[0, o] + chan[1, o], q, io)
     out = te.compute(out_shape, epilogue, name="out")
-    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits, g.weights_outer)
+    return _schedule_dot(te.create_prim_func([x, w, chan, q, out]), isa, knobs, wbits, g.weights_outer, quads)
 
 
-def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, weights_outer: bool
-                  ) -> tvm.tirx.PrimFunc:
+def int16_quads(g: Geometry, isa: Isa, wbits: int) -> int:
+    """Channel quads per dot intrinsic call: > 1 where low-bit weights let AVX2 add several vpmaddubsw
+    results in int16 before widening them (vpmaddwd + vpaddd), which is what makes W4A8 / W2A8 faster than
+    W8A8 there (Zen 3: 3.25 instead of 4 vector uops per 32 multiply-adds). A power of two, at least the
+    codes per byte (one byte load unpacks whole quads), dividing the padded channels; at most 4 (8 measured
+    slower for W2A8: more registers for a smaller saving)."""
+    per = 8 // wbits
+    alpha = weight_offset(wbits)[0]
+    bound = min(isa.int16_quads(alpha * ((1 << wbits) - 1)), 4) if wbits < 8 else 1
+    if bound < per:
+        return 1
+    c4, quads = _ceil(g.c, 4 * per), per
+    while 2 * quads <= bound and c4 % (8 * quads) == 0:
+        quads *= 2
+    return quads
+
+
+def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, weights_outer: bool,
+                  quads: int) -> tvm.tirx.PrimFunc:
     unpack = wbits != 8
     sch = s_tir.Schedule(func)
     roots = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
@@ -218,9 +242,13 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, w
     wo, wi = sch.split(w, [None, knobs.tile_w])
     oo, ob, oi = sch.split(o, [None, knobs.tile_o, isa.lanes])
     per = 8 // wbits
-    rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
     spatial = (oo, n, h, wo) if weights_outer else (n, h, wo, oo)
-    sch.reorder(*spatial, ry, rx, rco, rcm, wi, ob, oi, rci)
+    if quads > 1:   # one intrinsic call per tile vector covers rcm: the quads
+        rco, rcm, rci = sch.split(rc, [None, quads, 4])
+        sch.reorder(*spatial, ry, rx, rco, wi, ob, rcm, oi, rci)
+    else:
+        rco, rcm, rci = sch.split(rc, [None, per, 4])          # rcm: the channel blocks sharing a byte
+        sch.reorder(*spatial, ry, rx, rco, rcm, wi, ob, oi, rci)
     # The accumulator tile (and unpacked weights) keep the default "global" scope: TVM puts a global
     # allocation under 1 KB (kMaxStackAlloca) inside the parallel loop on the stack, where LLVM keeps it
     # in registers; a "local" one costs a TVMBackendAllocWorkspace call per tile (half the time of a
@@ -234,8 +262,8 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, w
         sch.compute_at(wu, rco)
         wl = sch.get_loops(wu)
         sch.vectorize(sch.fuse(wl[-2], wl[-1]))
-    intrin = isa.intrinsic()
-    for loop in (rcm, wi, ob):
+    intrin = isa.intrinsic(quads)
+    for loop in (rcm, wi, ob) if quads == 1 else (wi, ob):
         sch.unroll(loop)
     if intrin is None:      # vectorize before decompose_reduction, which would block it
         sch.vectorize(oi)
@@ -243,7 +271,7 @@ def _schedule_dot(func: tvm.tirx.PrimFunc, isa: Isa, knobs: Knobs, wbits: int, w
     init = sch.decompose_reduction(acc, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     if intrin:
-        sch.tensorize(oi, intrin)
+        sch.tensorize(oi if quads == 1 else rcm, intrin)
     if unpack:   # accumulators start at the offset correction (the last primitive: see _starts_at)
         _starts_at(sch, init, "start")
     return sch.mod["main"]
