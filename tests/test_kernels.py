@@ -108,13 +108,13 @@ def test_avx2_int16_sums_of_lowbit_weights_bit_exact(config, layer, seed):
 
 
 def test_avx2_int16_sums_cover_whole_channel_quads():
-    isa, w4 = kernels.isa_of(AVX2), kernels.parse_config("W4A8")
+    isa = kernels.isa_of(AVX2)
     quads = {c: kernels.conv.int16_quads(Geometry.of(conv_layer(c, 8, 5, 5, 3, 1, (1, 1, 1, 1))), isa, 4)
              for c in (3, 8, 24, 64)}
     assert quads == {3: 2, 8: 2, 24: 2, 64: 4}     # 2 codes per byte, up to 4 quads (255 * 15 * 2 * 4 < 2^15)
     assert kernels.conv.int16_quads(Geometry.of(conv_layer(64, 8, 5, 5, 3, 1, (1, 1, 1, 1))), isa, 8) == 1
     vnni = kernels.isa_of(parse_target('{"kind": "llvm", "mcpu": "znver4"}').tvm)
-    assert kernels.conv.int16_quads(Geometry.of(dense_layer(1, 64, 8)), vnni, w4.wbits) == 1
+    assert kernels.conv.int16_quads(Geometry.of(dense_layer(1, 64, 8)), vnni, 4) == 1
 
 
 @pytest.mark.parametrize("config", [c for c in INT_CONFIGS if c.abits == 8], ids=lambda c: c.name)
