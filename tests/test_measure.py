@@ -13,7 +13,7 @@ import pytest
 from conftest import FMNIST, ROOT, copy_logs, run_cli
 from ohq_tvm import kernels
 from ohq_tvm.layers import Layer
-from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search
+from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search, side_by_side
 from ohq_tvm.target import parse_target
 
 TARGET = parse_target("llvm")
@@ -73,6 +73,23 @@ def test_records_of_an_older_template_revision_are_measured_again(tmp_path, monk
     assert again.measurements >= 1 and second.revision == first.revision + 1
 
 
+def test_candidates_timed_in_different_runs_are_timed_again_side_by_side(tmp_path, measurers):
+    path = tmp_path / "oqa.jsonl"
+    configs = [kernels.parse_config(name) for name in ("W8A8", "W2A2")]
+    first = search(LAYER, configs[0], measurers(TARGET), TuningLog(path, TARGET))
+    second = search(LAYER, configs[1], measurers(TARGET), TuningLog(path, TARGET))
+    assert first.run != second.run
+    records = {"W8A8": first, "W2A2": second}
+    measurer = measurers(TARGET)
+    again = side_by_side(LAYER, records, None, measurer, TuningLog(path, TARGET))
+    assert {r.run for r in again.values()} == {measurer.run} and measurer.builds == 2
+    assert [(r.knobs, r.revision) for r in again.values()] == [(r.knobs, r.revision) for r in records.values()]
+    log = TuningLog(path, TARGET)
+    assert [search(LAYER, c, measurers(TARGET), log) for c in configs] == list(again.values())
+    same = measurers(TARGET)
+    assert side_by_side(LAYER, again, None, same, log) == again and same.builds == 0
+
+
 def test_corrupt_log_lines_are_skipped_with_a_warning(tmp_path, measurers):
     path = tmp_path / "oqa.jsonl"
     search(LAYER, kernels.parse_config("W2A2"), measurers(TARGET), TuningLog(path, TARGET))
@@ -109,12 +126,19 @@ def test_kill_and_resume_measures_nothing_twice(tmp_path):
     assert result.returncode == 0, result.stderr
     records = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
     # each setting timed once, the best of each search twice by design (its confirmation); one final per search
+    # and run, the workload the kill split between runs timed again side by side in the second
     key = lambda r: (r["workload"], r["config"], tuple(r["knobs"] or ()))   # noqa: E731
     best = {key(r) for r in records if r["final"] and r["config"] != "FP32"}
     timed = Counter(key(r) for r in records if not r["final"])
     assert {k: v for k, v in timed.items() if v != (2 if k in best else 1)} == {}
+    runs = {r["workload"]: set() for r in records}
+    for r in records:
+        runs[r["workload"]].add(r["run"])
+    assert len(set().union(*runs.values())) == 2
     finals = Counter(key(r)[:2] for r in records if r["final"])
-    assert set(finals.values()) == {1}
+    assert {k: n for k, n in finals.items() if n != len(runs[k[0]])} == {}
+    latest = {key(r)[:2]: r["run"] for r in records if r["final"]}
+    assert all(latest[k] == max(runs[k[0]]) for k in latest)
     report = json.loads(out.read_text())
     assert len(report["layers"]) == 10
     assert all(set(layer["candidates"]) == {"FP32", "W8A8", "W2A8", "W2A2"} for layer in report["layers"])
