@@ -44,7 +44,7 @@ from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
-REVISION = 1    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
+REVISION = 2    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
 CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
 # Distillation differentiates the model with an unscheduled gradient module (no CPU schedule rules for it):
 # seconds for Fashion-MNIST-sized models, ~30 min for a ResNet-18 at 224x224. Beyond this many MACs per
@@ -432,8 +432,8 @@ def masked_scores(sim: Simulation, layers: list[Layer], configs: list[Config], r
 
 class MixLoss:
     """KL divergence from FP32 of the whole model with every layer quantized as a configuration chooses, on
-    MQE's inputs. Per-layer scores add up to far less than this when many layers are quantized coarsely
-    (their errors compound); the flow checks its choice with it."""
+    MQE's inputs. Per-layer scores do not add up to this when many layers are quantized coarsely (their
+    errors compound, or the output saturates); the flow checks its choice with it."""
 
     def __init__(self, sim: Simulation, layers: list[Layer], ranges: dict[str, tuple[float, float]], x: np.ndarray,
                  reduce_range: bool) -> None:

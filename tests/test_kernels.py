@@ -157,6 +157,28 @@ def test_float_and_codes_io_match_simulation(config):
         assert codes_out.max() > 0
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_weight_scales_minimize_the_rounding_error(bits):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 3, 3, 64)).astype(np.float32) * rng.uniform(0.1, 2, (32, 1, 1, 1))
+    w[0, 0, 0, 0] = 12.0        # an outlier: clipping it is cheaper than coarse steps for the rest
+    codes, scale = kernels.quantize_weights(w, bits)
+    qmax = 2 ** (bits - 1) - 1
+    error = lambda c, s: np.square(c * s.reshape(-1, 1, 1, 1) - w).reshape(32, -1).sum(1)   # noqa: E731
+    peak = np.abs(w).reshape(32, -1).max(1) / qmax
+    at_peak = np.clip(np.rint(w / peak.reshape(-1, 1, 1, 1)), -qmax, qmax)
+    assert np.abs(codes).max() == qmax and (scale <= peak * (1 + 1e-6)).all()
+    assert (error(codes, scale) <= error(at_peak, peak) * (1 + 1e-6)).all()
+    assert error(codes, scale)[0] < 0.7 * error(at_peak, peak)[0]
+
+
+def test_eight_bit_weights_keep_the_full_range():
+    w = np.random.default_rng(1).standard_normal((8, 27)).astype(np.float32)
+    codes, scale = kernels.quantize_weights(w, 8)
+    np.testing.assert_allclose(scale, np.abs(w).max(1) / 127, rtol=1e-6)
+    assert (np.abs(codes).max(1) == 127).all()
+
+
 @pytest.mark.parametrize("config, mcpu, instruction", [
     ("W8A8", "znver4", "vpdpbusd"), ("W8A8", "znver3", "vpmaddubsw"), ("W4A8", "znver4", "vpdpbusd"),
     ("W4A8", "znver3", "vpaddw"),

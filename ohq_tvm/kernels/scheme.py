@@ -1,7 +1,10 @@
 """The quantization scheme every kernel implements, with its numpy integer reference.
 
 - Weights: symmetric, per output channel. b >= 2 bits: codes in [-(2^(b-1)-1), 2^(b-1)-1] (INT2 is
-  ternary {-1, 0, 1}), scale = max|w| / qmax. b = 1: bipolar codes {-1, +1}, scale = mean|w|.
+  ternary {-1, 0, 1}); 8 bits: scale = max|w| / qmax; 2 and 4 bits: scale = c * max|w| / qmax with
+  the clipping ratio c (of a grid) that minimizes the channel's squared rounding error (rounding the
+  largest weights exactly costs the many small ones their resolution). b = 1: bipolar codes {-1, +1},
+  scale = mean|w| (the least-squares scale).
   On x86 without VNNI the 8-bit kernel multiplies with vpmaddubsw, whose int16 pair sums would
   saturate with full-range weights: there INT8 weights use 7 bits ([-63, 63]), like onnxruntime's
   reduce_range.
@@ -61,17 +64,25 @@ def weight_offset(wbits: int) -> tuple[int, int]:
     return (2, 1) if wbits == 1 else (1, 1 << (wbits - 1))
 
 
+CLIP_RATIOS = np.linspace(0.2, 1.0, 41, dtype=np.float32)
+
+
 def quantize_weights(w: np.ndarray, bits: int, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """w [O, ...] float -> (int8 codes [O, ...], float32 scale [O])."""
     flat = w.reshape(w.shape[0], -1).astype(np.float32)
     if bits == 1:
-        scale = np.abs(flat).mean(1)
+        scale = np.maximum(np.abs(flat).mean(1), 1e-12)
         codes = np.where(flat >= 0, 1, -1)
     else:
         qmax = weight_qmax(bits, reduce_range)
-        scale = np.abs(flat).max(1) / qmax
-        codes = np.clip(np.rint(flat / np.where(scale > 0, scale, 1)[:, None]), -qmax, qmax)
-    return codes.astype(np.int8).reshape(w.shape), np.maximum(scale, 1e-12).astype(np.float32)
+        peak = np.maximum(np.abs(flat).max(1), 1e-12)
+        scale, error = peak / qmax, np.full(len(flat), np.inf, np.float32)
+        for ratio in CLIP_RATIOS if bits <= 4 else [1.0]:
+            s = (peak * ratio / qmax)[:, None]
+            e = np.square(np.clip(np.rint(flat / s), -qmax, qmax) * s - flat).sum(1)
+            scale, error = np.where(e < error, s[:, 0], scale), np.minimum(e, error)
+        codes = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax)
+    return codes.astype(np.int8).reshape(w.shape), scale.astype(np.float32)
 
 
 @dataclass(frozen=True)
