@@ -124,6 +124,26 @@ def test_depthwise_and_grouped_bit_exact(config, layer, seed):
     check_exact(layer, config, seed)
 
 
+@pytest.mark.parametrize("wbits, k, rows", [(4, 3, 3), (4, 5, 3), (2, 5, 5)])
+def test_depthwise_int16_sums_at_their_bound(wbits, k, rows):
+    """Every product at its largest (code 255 x weight code +-qmax): each chunk of kernel rows sums exactly in
+    int16 (a 5x5 at 4 bits would not in one: 255 x 7 x 25 > 2^15, it takes rows 0-2, then 3-4)."""
+    layer = conv_layer(40, 40, 8, 8, k, 1, (0, 0, 0, 0), 40)
+    g, config = Geometry.of(layer), kernels.Config(wbits, 8)
+    assert kernels.grouped.int16_rows(g, wbits) == rows
+    qmax = kernels.scheme.weight_qmax(wbits)
+    codes = np.where(np.arange(40) % 2, qmax, -qmax).astype(np.int8)[:, None, None, None] * np.ones((1, k, k, 1), np.int8)
+    qa = np.full((1, 8, 8, 40), 255, np.uint8)
+    want = conv_reference(qa, 0, codes, groups=40).astype(np.float32)
+    assert np.abs(want).max() == 255 * qmax * k * k
+    for knobs in kernels.knob_space(layer, config, ISA)[:2]:
+        args = [qa, kernels.pack_codes(layer, config, knobs, ISA, codes),
+                np.stack([np.ones(40, np.float32), np.zeros(40, np.float32)]),
+                np.array([1, 0, -np.inf, np.inf], np.float32)]
+        got = run(compile_kernel(layer, config, knobs, kernels.Io(codes_in=True)), layer, args)
+        np.testing.assert_array_equal(got, want, err_msg=str(knobs))
+
+
 @pytest.mark.parametrize("config", INT_CONFIGS, ids=lambda c: c.name)
 def test_float_and_codes_io_match_simulation(config):
     """Real weights, scales, bias and ReLU6: the compiled kernel equals the numpy simulation, with float
@@ -179,15 +199,16 @@ def test_eight_bit_weights_keep_the_full_range():
     assert (np.abs(codes).max(1) == 127).all()
 
 
-@pytest.mark.parametrize("config, mcpu, instruction", [
-    ("W8A8", "znver4", "vpdpbusd"), ("W8A8", "znver3", "vpmaddubsw"), ("W4A8", "znver4", "vpdpbusd"),
-    ("W4A8", "znver3", "vpaddw"),
-    ("W2A2", "znver4", "vpopcntd"), ("W1A1", "znver4", "vpopcntd"),
+@pytest.mark.parametrize("config, mcpu, instruction, groups", [
+    ("W8A8", "znver4", "vpdpbusd", 1), ("W8A8", "znver3", "vpmaddubsw", 1), ("W4A8", "znver4", "vpdpbusd", 1),
+    ("W4A8", "znver3", "vpaddw", 1),
+    ("W2A2", "znver4", "vpopcntd", 1), ("W1A1", "znver4", "vpopcntd", 1),
+    ("W4A8", "znver3", "vpmullw", 64),     # depthwise, int16 lanes
 ])
-def test_asm_uses_the_isa(config, mcpu, instruction):
+def test_asm_uses_the_isa(config, mcpu, instruction, groups):
     """The code generated for an AVX-512 VNNI / VPOPCNTDQ CPU uses those instructions (compiled, not run)."""
     target = parse_target(f'{{"kind": "llvm", "mcpu": "{mcpu}"}}').tvm
-    layer = conv_layer(64, 64, 14, 14, 3, 1, (1, 1, 1, 1))
+    layer = conv_layer(64, 64, 14, 14, 3, 1, (1, 1, 1, 1), groups)
     cfg = kernels.parse_config(config)
     knobs = kernels.knob_space(layer, cfg, kernels.isa_of(target))[0]
     lib = tvm.tirx.build(tvm.IRModule({"main": kernels.build(layer, cfg, knobs, target).with_attr("global_symbol", "main")}),

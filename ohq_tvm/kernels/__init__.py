@@ -8,7 +8,8 @@
 |            |                     | int16 over 4 channel quads before widening                   |
 | bitserial  | W4A4, W2A2, W1A2,   | bit-planes, AND + popcount, shifts in the epilogue           |
 |            | W1A1                |                                                              |
-| grouped    | any wbits, A8       | depthwise / grouped: multiply-adds vectorized over channels  |
+| grouped    | any wbits, A8       | depthwise / grouped: multiply-adds vectorized over channels, |
+|            |                     | low-bit weights summed in int16 lanes over kernel rows       |
 | FP32       | FP32                | MetaSchedule (ohq_tvm.tune), the fallback and the reference  |
 
 Every kernel quantizes its float input itself and ends in the float epilogue (scale, bias with the
@@ -43,7 +44,8 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 # The grouped template pads codes in its loads instead of copying them: grouped 3.
 # Low-bit weights accumulate several channel quads in int16 on AVX2 (conv.int16_quads): dot-lowbit 5, above
 # every other dot revision, weights-outer layers included.
-REVISIONS = {"dot": 2, "dot-weights-outer": 4, "dot-lowbit": 5, "bitserial": 3, "grouped": 3}
+# Low-bit depthwise / grouped weights sum in int16 lanes (grouped.int16_rows): grouped-lowbit 4.
+REVISIONS = {"dot": 2, "dot-weights-outer": 4, "dot-lowbit": 5, "bitserial": 3, "grouped": 3, "grouped-lowbit": 4}
 
 
 def revision(layer: Layer, config: Config) -> int:
@@ -52,6 +54,8 @@ def revision(layer: Layer, config: Config) -> int:
         kind = "dot-lowbit"
     elif kind == "dot" and Geometry.of(layer).weights_outer:
         kind = "dot-weights-outer"
+    elif kind == "grouped" and grouped.int16_rows(Geometry.of(layer), config.wbits):
+        kind = "grouped-lowbit"
     return REVISIONS[kind] if kind else 1
 
 
@@ -68,7 +72,7 @@ def knob_space(layer: Layer, config: Config, isa: Isa) -> list[Knobs]:
     g = Geometry.of(layer)
     return {"dot": lambda: conv.knob_space(g, isa),
             "bitserial": lambda: bitserial.knob_space(g, isa, config.abits, config.wbits),
-            "grouped": lambda: grouped.knob_space(g, isa)}[family(layer, config)]()
+            "grouped": lambda: grouped.knob_space(g, isa, config.wbits)}[family(layer, config)]()
 
 
 def build(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target, io: Io = Io()
@@ -81,7 +85,7 @@ def build(layer: Layer, config: Config, knobs: Knobs, target: tvm.target.Target,
     if kind == "bitserial":
         return bitserial.bitserial_kernel(g, layer.input_shape, isa, knobs, config.abits, config.wbits, io)
     if kind == "grouped":
-        return grouped.grouped_kernel(g, layer.input_shape, isa, knobs, io)
+        return grouped.grouped_kernel(g, layer.input_shape, isa, knobs, io, config.wbits)
     raise ValueError(f"no integer kernel for {config.name} on {layer.id} ({layer.kind})")
 
 
@@ -103,7 +107,7 @@ def pack_codes(layer: Layer, config: Config, knobs: Knobs, isa: Isa, codes: np.n
         return conv.pack_dot_weights(codes, isa, knobs, config.wbits)
     if kind == "bitserial":
         return bitserial.pack_bitserial_weights(codes, isa, knobs, config.wbits)
-    return grouped.pack_grouped_weights(codes, isa, knobs)
+    return grouped.pack_grouped_weights(codes, grouped.lanes(Geometry.of(layer), isa, config.wbits), knobs)
 
 
 def ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
