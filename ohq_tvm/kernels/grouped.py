@@ -51,7 +51,7 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
     q = te.placeholder((4,), "float32", name="q")
 
     a = te.compute((g.n, g.hp, g.wp, g.c), quantized_input(x, g, q, 255, "uint8"), name="a")
-    ry, rx, rc = te.reduce_axis((0, rows or g.kh), "ry"), te.reduce_axis((0, g.kw), "rx"), te.reduce_axis((0, cg), "rc")
+    ry, rx, rc = (te.reduce_axis((0, e), name) for e, name in ((rows or g.kh, "ry"), (g.kw, "rx"), (cg, "rc")))
     sh, sw = g.strides
     channel = (lambda o, c: te.min(o, g.o - 1)) if cg == 1 and og == 1 else (lambda o, c: te.min(o // og, g.groups - 1) * cg + c)
     if rows:    # int16 sums over chunks of `rows` kernel rows, then an int32 sum over the chunks
@@ -59,8 +59,10 @@ def grouped_kernel(g: Geometry, x_shape: tuple[int, ...], isa: Isa, knobs: Knobs
         def tap(n, h, w_, k, o):
             product = (a[n, h * sh + k * rows + ry, w_ * sw + rx, channel(o, rc)].astype("int16")
                        * w[k * rows + ry, rx, rc, o].astype("int16"))
+            if g.kh % rows == 0:
+                return product
             # rows past the kernel in a short last chunk (te.sum's `where` is lost in the PrimFunc)
-            return tvm.tirx.if_then_else(k * rows + ry < g.kh, product, tvm.tirx.const(0, "int16")) if g.kh % rows else product
+            return tvm.tirx.if_then_else(k * rows + ry < g.kh, product, tvm.tirx.const(0, "int16"))
         part = te.compute((g.n, g.oh, g.ow, chunks, o_pad), lambda *i: te.sum(tap(*i), axis=[ry, rx, rc]), name="part")
         rk = te.reduce_axis((0, chunks), "rk")
         acc = te.compute((g.n, g.oh, g.ow, o_pad), lambda n, h, w_, o: te.sum(
