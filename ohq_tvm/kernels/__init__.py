@@ -36,15 +36,10 @@ __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs",
 
 
 # A template's revision goes up when a change alters what it measures; tuning-log records of an older
-# revision are measured again (records carry the revision; logs without one are revision 1).
-# The dot template's low-bit-weight variants (W4A8, W2A8) and its weights-outer layers (Geometry.weights_outer:
-# multi-row matmuls and, since, convs with more weights than input pixels; every config; above every other dot
-# revision) have their own.
-# Every template's accumulators moved from "local" scope to the stack (conv._schedule_dot): all up by one.
-# The grouped template pads codes in its loads instead of copying them: grouped 3.
-# Low-bit weights accumulate several channel quads in int16 on AVX2 (conv.int16_quads): dot-lowbit 5, above
-# every other dot revision, weights-outer layers included.
-# Low-bit depthwise / grouped weights sum in int16 lanes (grouped.int16_rows): grouped-lowbit 4.
+# revision are measured again (records carry the revision; logs without one are revision 1). Variants with a
+# history of their own have their own key: "dot-lowbit" (W4A8 / W2A8: int16 sums of channel quads on AVX2),
+# "dot-weights-outer" (the other dot layers with Geometry.weights_outer), "grouped-lowbit" (2- and 4-bit
+# weights: int16 sums over kernel rows). What changed at each bump is in this file's git history.
 REVISIONS = {"dot": 2, "dot-weights-outer": 4, "dot-lowbit": 5, "bitserial": 3, "grouped": 3, "grouped-lowbit": 4}
 
 
