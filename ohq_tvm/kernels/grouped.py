@@ -16,13 +16,13 @@ from tvm import te
 
 from .conv import Geometry, Io, Knobs, _ceil, _vectorize_inner, epilogue_value, quantized_input, schedule_elementwise
 from .isa import Isa
-from .scheme import weight_qmax
+from .scheme import int16_products, weight_qmax
 
 
 def int16_rows(g: Geometry, wbits: int) -> int:
     """Kernel rows whose u8 x weight products sum exactly in int16 (the last chunk of rows may be shorter);
     0: not even one row (8-bit weights), the sums are int32."""
-    return min(g.kh, 32767 // (255 * weight_qmax(wbits) * g.kw * (g.c // g.groups)))
+    return min(g.kh, int16_products(weight_qmax(wbits)) // (g.kw * (g.c // g.groups)))
 
 
 def lanes(g: Geometry, isa: Isa, wbits: int) -> int:
@@ -33,7 +33,8 @@ def lanes(g: Geometry, isa: Isa, wbits: int) -> int:
 def knob_space(g: Geometry, isa: Isa, wbits: int = 8) -> list[Knobs]:
     """Accumulator tiles that leave two registers for the operands, at most 16 (the weights can be memory
     operands: on AVX2's 16 registers, 14 accumulators ran ~25% faster than the 8 of a half-file bound)."""
-    vectors = _ceil(g.o, lanes(g, isa, wbits)) // lanes(g, isa, wbits)
+    vl = lanes(g, isa, wbits)
+    vectors = _ceil(g.o, vl) // vl
     tiles = [Knobs(tw, nb) for tw in (1, 2, 4, 7, 8, 14) for nb in (1, 2, 4)
              if g.ow % tw == 0 and vectors % nb == 0 and tw * nb <= min(isa.registers - 2, 16)]
     tiles.sort(key=lambda k: (-(k.tile_w * k.tile_o), -k.tile_o))

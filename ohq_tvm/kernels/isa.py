@@ -18,6 +18,8 @@ import tvm.s_tir as s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from .scheme import int16_products
+
 
 @dataclass(frozen=True)
 class Isa:
@@ -32,7 +34,7 @@ class Isa:
 
     def int16_quads(self, wmax: int) -> int:
         """Channel quads whose vpmaddubsw pair sums (2 * 255 * wmax at most) add up in int16 (AVX2 only)."""
-        return max(1, 32767 // (2 * 255 * wmax)) if self.name == "avx2" else 1
+        return max(1, int16_products(wmax) // 2) if self.name == "avx2" else 1
 
 
 def isa_of(target: tvm.target.Target) -> Isa:

@@ -64,6 +64,11 @@ def weight_offset(wbits: int) -> tuple[int, int]:
     return (2, 1) if wbits == 1 else (1, 1 << (wbits - 1))
 
 
+def int16_products(wmax: int) -> int:
+    """How many products of a uint8 activation code and a weight of magnitude <= wmax sum exactly in int16."""
+    return 32767 // (255 * wmax)
+
+
 CLIP_RATIOS = np.linspace(0.2, 1.0, 41, dtype=np.float32)
 
 
