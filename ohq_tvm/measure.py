@@ -166,6 +166,11 @@ class Measurer:
     def context(self) -> ms.TuneContext:
         return ms.TuneContext(target=self.target.tvm)
 
+    def record(self, workload: str, config: str, knobs: list[int] | None, ms: float | None, *, final: bool = False,
+               error: str | None = None, revision: int = 1) -> Record:
+        """A tuning-log record of this measurer's target and run."""
+        return Record(tvm.__version__, self.target.key, workload, config, knobs, ms, final, error, revision, self.run)
+
     def close(self) -> None:
         """Stop the build workers (left to the garbage collector, TVM warns, their shutdown can deadlock)."""
         self.builders.shutdown()
@@ -242,8 +247,8 @@ def search(layer: Layer, config: Config, measurer: Measurer, log: TuningLog, kee
     final = next((r for r in reversed(done) if r.final), None)
     if final is not None:
         return final
-    new = lambda knobs, ms_, final=False, error=None: Record(   # noqa: E731
-        tvm.__version__, target.key, key, config.name, knobs, ms_, final, error, revision, measurer.run)
+    new = lambda knobs, ms_, final=False, error=None: measurer.record(   # noqa: E731
+        key, config.name, knobs, ms_, final=final, error=error, revision=revision)
     timings: dict[tuple[int, ...], list[float]] = {}     # knob setting -> its timings (none: failed)
     for r in done:
         if r.knobs is not None:
@@ -307,9 +312,8 @@ def side_by_side(layer: Layer, records: dict[str, Record], fp32: tvm.tirx.PrimFu
              for name, r in redo.items()]
     again = dict(records)
     for (name, r), ms_ in zip(redo.items(), measurer.time(funcs, runs=2)):
-        again[name] = Record(tvm.__version__, measurer.target.key, r.workload, name, r.knobs, ms_, final=True,
-                             error=None if ms_ is not None else "failed when timed again", revision=r.revision,
-                             run=measurer.run)
+        again[name] = measurer.record(r.workload, name, r.knobs, ms_, final=True, revision=r.revision,
+                                      error=None if ms_ is not None else "failed when timed again")
         log.append(again[name])
     return again
 
@@ -388,7 +392,7 @@ def _fp32_record(layer: Layer, func: tvm.tirx.PrimFunc | None, measurer: Measure
     if func is None:
         return None
     [ms_] = measurer.time([func], runs=2)     # the lower of two timings, as in search
-    record = Record(tvm.__version__, measurer.target.key, key, "FP32", schedule, ms_, final=True, run=measurer.run)
+    record = measurer.record(key, "FP32", schedule, ms_, final=True)
     log.append(record)
     return record
 

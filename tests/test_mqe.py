@@ -96,7 +96,7 @@ def test_estimators_score_every_available_candidate(fmnist):
     assert lo == 0.0 < hi                      # conv2d1 reads a ReLU output
 
 
-def test_mix_loss_of_one_layer_is_its_score_and_errors_compound(fmnist):
+def test_mix_loss_of_one_layer_is_its_score_and_of_many_not_their_sum(fmnist):
     imported, layers, sim = fmnist
     x = mqe.noise_inputs(imported.input_shape, 4, seed=0, input_range=(0.0, 1.0))
     configs = [kernels.parse_config(n) for n in ("FP32", "W8A8", "W2A2")]
