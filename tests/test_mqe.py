@@ -145,6 +145,32 @@ def test_distillation_matches_bn_statistics():
     assert numeric == pytest.approx(step(noise)[1][i], rel=0.2, abs=1e-3)
 
 
+def test_distillation_reads_exported_graphs(tmp_path):
+    """As torch exports them: Clip bounds as initializer inputs (imported as call_tir, which has no gradient)
+    and a head Reshape traced at batch 1 (wrong at the distillation batch; not needed for BN statistics)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)), "gamma": rng.uniform(0.5, 2, 4), "beta": rng.standard_normal(4),
+             "mean": rng.standard_normal(4), "var": rng.uniform(0.5, 2, 4), "lo": np.array(0.0), "hi": np.array(6.0),
+             "flat": np.array([1, -1]), "fc": rng.standard_normal((4 * 8 * 8, 5))}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"]),
+         helper.make_node("Clip", ["b", "lo", "hi"], ["r"]),
+         helper.make_node("Reshape", ["r", "flat"], ["f"]),
+         helper.make_node("MatMul", ["f", "fc"], ["y"])],
+        "exported", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [numpy_helper.from_array(v.astype(np.int64 if k == "flat" else np.float32), k) for k, v in inits.items()])
+    path = tmp_path / "exported.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = onnx.load(str(path))
+    step = mqe._distill_step(model, mqe.bn_statistics(model), (4, 3, 8, 8))
+    noise = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    assert step(mqe.distill(path, (1, 3, 8, 8), samples=4, steps=40))[0] < 0.5 * step(noise)[0]
+
+
 def test_calibration_data_errors(tmp_path):
     with pytest.raises(OhqError, match="does not fit"):
         mqe.load_calibration_data(np.zeros((2, 3, 28, 28)), (1, 1, 28, 28))
