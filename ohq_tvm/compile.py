@@ -154,44 +154,36 @@ class Flow:
                              if ms is not None} for t in result.layers}
 
     def estimate(self, configs) -> mqe.Sensitivity:
-        """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs).
-        Distilled inputs, slow to make, are cached beside (the whole-model check scores on them)."""
+        """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs),
+        distilled inputs too (`mqe.distill`: the whole-model check scores on them)."""
         host = self.host
         o = self.options
         key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
                             kernels.isa_of(host.tvm).reduce_range)
         cache = self.work_dir / host.cpu_key / "mqe" / f"{key}.json"
-        inputs = self.inputs_cache = cache.with_suffix(".inputs.npy")
         if cache.is_file():
             try:
-                result = mqe.Sensitivity.from_json(json.loads(cache.read_text()))
-                result.inputs = np.load(inputs) if inputs.is_file() else None
-                return result
+                return mqe.Sensitivity.from_json(json.loads(cache.read_text()))
             except (ValueError, KeyError, TypeError, OSError):
                 self.console.print(f"[yellow]{cache}: corrupt MQE cache ignored")
         with self.console.status(f"MQE: {o.sensitivity} over {len(self.layers)} layers"):
             result = mqe.estimate(self.model, self.imported, self.layers, configs, host, method=o.sensitivity,
                                   calibration_data=o.calibration_data, samples=o.samples, seed=o.seed,
-                                  work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS))
+                                  work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS),
+                                  distill_cache=cache.parent)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        self._keep_inputs(result.inputs, result.calibration.source)
         report.write_text(cache, json.dumps(result.to_json()))
         return result
-
-    def _keep_inputs(self, x: np.ndarray, source: str) -> None:
-        if source == "distilled":
-            self.inputs_cache.parent.mkdir(parents=True, exist_ok=True)
-            build.atomic_write(self.inputs_cache, lambda path: np.save(path, x))
 
     def mix_loss(self, sens: mqe.Sensitivity) -> mqe.MixLoss:
         """The whole-model check of a configuration, on the inputs MQE scored with."""
         o = self.options
         x = sens.inputs
-        if x is None:     # a cache from before inputs were kept
-            x, pick, source = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data,
-                                                 o.samples, o.seed, macs=sum(layer.macs for layer in self.layers))
+        if x is None:     # scores from the cache
+            x, pick, _ = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data,
+                                                 o.samples, o.seed, macs=sum(layer.macs for layer in self.layers),
+                                                 distill_cache=self.work_dir / self.host.cpu_key / "mqe")
             x = x[pick]
-            self._keep_inputs(x, source)
         sim = sens.simulation     # built by this compile's MQE run, or not yet (scores from the cache)
         if sim is None:
             with self.console.status("MQE: building the whole-model check"):

@@ -173,8 +173,20 @@ def bn_statistics(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndar
 
 
 def distill(model_path: str | Path, shape: tuple[int, ...], samples: int, seed: int = 0, steps: int = 200,
-            lr: float = 0.1) -> np.ndarray:
-    """ZeroQ: inputs whose per-channel batch statistics at every BN input match the BN's running ones."""
+            lr: float = 0.1, cache_dir: Path | None = None) -> np.ndarray:
+    """ZeroQ: inputs whose per-channel batch statistics at every BN input match the BN's running ones.
+    `cache_dir` keeps them (minutes for large models), keyed by the model's bytes and the arguments."""
+    if cache_dir is not None:
+        import hashlib
+        h = hashlib.sha256(Path(model_path).read_bytes())
+        h.update(repr((tuple(shape[1:]), samples, seed, steps, lr, REVISION)).encode())
+        cached = Path(cache_dir) / f"distilled-{h.hexdigest()[:20]}.npy"
+        if cached.is_file():
+            return np.load(cached)
+        x = distill(model_path, shape, samples, seed, steps, lr)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        build.atomic_write(cached, lambda path: np.save(path, x))
+        return x
     model = onnx.load(str(model_path))
     stats = bn_statistics(model)
     if not stats:
@@ -471,9 +483,9 @@ class MixLoss:
 
 
 def scoring_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
-                   macs: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+                   macs: int = 0, distill_cache: Path | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(inputs the ranges come from, indices of the `samples` of them scores are computed on, source)."""
-    x, source = calibration_inputs(model, shape, data, samples, seed, macs)
+    x, source = calibration_inputs(model, shape, data, samples, seed, macs, distill_cache)
     if len(x) <= samples:
         return x, np.arange(len(x)), source
     return x, np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False)), source
@@ -483,7 +495,7 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
              method: str = "mqe", calibration_data: str | Path | np.ndarray | None = None, samples: int = 8,
              seed: int = 0, work_dir: str | Path = "tuning_logs", tune_trials: int = 16,
              labels: np.ndarray | None = None, calibration: Calibration | None = None,
-             simulation: Simulation | None = None) -> Sensitivity:
+             simulation: Simulation | None = None, distill_cache: Path | None = None) -> Sensitivity:
     """Scores of every (layer, candidate) by `method`; `calibration` reuses given ranges (e.g. distilled ones)."""
     if method not in METHODS:
         raise OhqError(f"unknown --sensitivity {method!r}; choose from {', '.join(METHODS)}")
@@ -492,7 +504,7 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     t0 = time.perf_counter()
     stages = {}
     x, pick, source = scoring_inputs(model, imported.input_shape, calibration_data, samples, seed,
-                                     sum(layer.macs for layer in layers))
+                                     sum(layer.macs for layer in layers), distill_cache)
     scored = x[pick]
     stages["inputs"] = time.perf_counter() - t0
     sim = simulation or Simulation(imported, layers, target, work_dir, tune_trials)
@@ -519,13 +531,14 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
 
 
 def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
-                       macs: int = 0) -> tuple[np.ndarray, str]:
+                       macs: int = 0, distill_cache: Path | None = None) -> tuple[np.ndarray, str]:
     """Real data if given; else inputs distilled from BN statistics (`macs`: per sample, see DISTILL_MAX_MACS);
     else noise."""
     if data is not None:
         return load_calibration_data(data, shape), "data"
     if macs <= DISTILL_MAX_MACS and bn_statistics(onnx.load(str(model), load_external_data=False)):
-        return distill(model, shape, samples, seed, 200 if macs <= DISTILL_LARGE_MACS else 50), "distilled"
+        steps = 200 if macs <= DISTILL_LARGE_MACS else 50
+        return distill(model, shape, samples, seed, steps, cache_dir=distill_cache), "distilled"
     return noise_inputs(shape, samples, seed), "noise"
 
 
