@@ -153,6 +153,10 @@ class Flow:
         return {t.layer.id: {name: {"ms": ms, "knobs": t.knobs.get(name)} for name, ms in t.ms.items()
                              if ms is not None} for t in result.layers}
 
+    @property
+    def mqe_dir(self) -> Path:
+        return self.work_dir / self.host.cpu_key / "mqe"
+
     def estimate(self, configs) -> mqe.Sensitivity:
         """MQE scores and activation ranges; cached in the work dir (a result depends only on its inputs),
         distilled inputs too (`mqe.distill`: the whole-model check scores on them)."""
@@ -160,7 +164,7 @@ class Flow:
         o = self.options
         key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
                             kernels.isa_of(host.tvm).reduce_range)
-        cache = self.work_dir / host.cpu_key / "mqe" / f"{key}.json"
+        cache = self.mqe_dir / f"{key}.json"
         if cache.is_file():
             try:
                 return mqe.Sensitivity.from_json(json.loads(cache.read_text()))
@@ -170,7 +174,7 @@ class Flow:
             result = mqe.estimate(self.model, self.imported, self.layers, configs, host, method=o.sensitivity,
                                   calibration_data=o.calibration_data, samples=o.samples, seed=o.seed,
                                   work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS),
-                                  distill_cache=cache.parent)
+                                  distill_cache=self.mqe_dir)
         cache.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(cache, json.dumps(result.to_json()))
         return result
@@ -181,8 +185,8 @@ class Flow:
         x = sens.inputs
         if x is None:     # scores from the cache
             x, pick, _ = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data,
-                                                 o.samples, o.seed, macs=sum(layer.macs for layer in self.layers),
-                                                 distill_cache=self.work_dir / self.host.cpu_key / "mqe")
+                                            o.samples, o.seed, macs=sum(layer.macs for layer in self.layers),
+                                            distill_cache=self.mqe_dir)
             x = x[pick]
         sim = sens.simulation     # built by this compile's MQE run, or not yet (scores from the cache)
         if sim is None:
