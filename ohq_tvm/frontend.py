@@ -173,6 +173,10 @@ def _numpy_op(call: relax.Call):
     if name == "permute_dims":
         axes = call.attrs.axes
         return lambda x: np.transpose(x, None if axes is None else [int(a) for a in axes])
+    if name in ("ones", "zeros", "broadcast_to"):    # (a gradient's seed and its spread over a mean's input)
+        shape = [int(d) for d in call.ty.shape.values]
+        return (lambda x: np.broadcast_to(x, shape)) if name == "broadcast_to" else \
+            (lambda: np.full(shape, float(name == "ones")))
     return _NUMPY_OPS.get(name)
 
 
@@ -186,18 +190,20 @@ class _NumpyFold(PyExprMutator):
         call = self.visit_expr_post_order(call)
         if not isinstance(call.op, tvm.ir.Op) or not isinstance(call.ty, relax.TensorType):
             return call
+        shape = call.ty.shape
+        if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+            return call
         func = _numpy_op(call)
         tensors = [self._constant(a) for a in call.args if not isinstance(a, relax.ShapeExpr)]
-        shape = call.ty.shape
-        if func is None or not tensors or any(t is None for t in tensors) \
-                or shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        if func is None or not (tensors or call.op.name in ("relax.ones", "relax.zeros")) \
+                or any(t is None for t in tensors):
             return call
         with np.errstate(all="ignore"):
             value = func(*tensors)
         return relax.const(np.asarray(value).astype(str(call.ty.dtype)).reshape([int(d) for d in shape.values]))
 
     def _constant(self, arg: relax.Expr) -> np.ndarray | None:
-        if isinstance(arg, relax.Var):
+        while isinstance(arg, relax.Var):      # through aliases (a gradient's adjoints are chains of them)
             arg = self.lookup_binding(arg)
         if isinstance(arg, (tvm.tirx.IntImm, tvm.tirx.FloatImm)):     # a scalar operand, e.g. BN's epsilon
             return np.array(arg.value, str(arg.ty))

@@ -162,7 +162,7 @@ class _Rewriter(PyExprMutator):
         key = (layer.workload, config, plan.knobs, io)
         if key not in self.kernels:
             func = kernels.build(layer, config, plan.knobs, self.target, io)
-            func = func.with_attr({"op_pattern": OPAQUE, "tir.is_scheduled": True})
+            func = func.with_attr({"op_pattern": OPAQUE, "tirx.is_scheduled": True})
             name = f"{KERNEL_PREFIX}{layer.op}_{config.name.lower()}_{len(self.kernels)}"
             self.kernels[key] = self.builder_.add_func(func.without_attr("global_symbol"), name)
         self.records.append({"layer": layer.id, "config": config.name, "kernel": self.kernels[key].name_hint,

@@ -126,9 +126,9 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
         bb.emit_func_output(out)
     fused = tune.fuse(bb.get(), target)
     assert tune._tasks(fused, target) == []
-    scheduled = tune.ScheduleInjective(fused)
+    scheduled = tune.ScheduleUntuned(fused)
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
-    assert len(kernels) == 1 and kernels[0].attrs["tir.is_scheduled"]
+    assert len(kernels) == 1 and kernels[0].attrs["tirx.is_scheduled"]
     script = kernels[0].script()
     assert "T.parallel" in script and "T.vectorized" in script and script.count("T.sblock(") == 2, script  # root and one stage
     rng = np.random.default_rng(0)
@@ -159,7 +159,7 @@ def test_injective_rule_vectorizes_rows_not_across_them(shapes, op, lanes):
             out = bb.emit_output(op(*xs))
         bb.emit_func_output(out)
     func = next(f for f in relax.transform.LegalizeOps()(bb.get()).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
-    scheduled = tune.schedule_injective(func)
+    scheduled = tune.schedule_untuned(func)
     script = scheduled.script()
     assert (f"T.vectorized(T.int64({lanes}))" in script) if lanes else ("T.unroll(T.int64(3))" in script and "T.vectorized" not in script), script
     lib = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=parse_target("llvm").tvm)
@@ -169,6 +169,47 @@ def test_injective_rule_vectorizes_rows_not_across_them(shapes, op, lanes):
     result = tvm.runtime.tensor(np.zeros(reference.shape, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], result)
     np.testing.assert_array_equal(result.numpy(), reference)
+
+
+_nchw = dict(data_layout="NCHW", kernel_layout="OIHW")
+
+
+@pytest.mark.parametrize("shapes, op, tiled", [
+    ([(8, 16, 28, 28), (32, 16, 3, 3)], lambda x, w: relax.op.nn.conv2d(x, w, padding=1, **_nchw), True),
+    ([(2, 24, 29, 29), (48, 24, 1, 1)], lambda x, w: relax.op.nn.conv2d(x, w, strides=2, **_nchw), True),
+    ([(2, 32, 14, 14), (32, 1, 3, 3)], lambda x, w: relax.op.nn.conv2d(x, w, padding=1, groups=32, **_nchw), True),
+    ([(2, 32, 14, 14), (32, 8, 3, 3)],      # a stride-2 conv's input gradient
+     lambda x, w: relax.op.nn.conv2d_transpose(x, w, strides=2, padding=1, output_padding=1), True),
+    ([(1, 14, 14, 64)], lambda x: relax.op.nn.max_pool2d(x, 3, 2, 1, layout="NHWC"), True),
+    ([(16, 256), (96, 256)], lambda x, w: relax.op.matmul(x, relax.op.permute_dims(w)), True),
+    ([(1, 256), (256, 96)], relax.op.matmul, True),
+    ([(8, 24, 56, 56)], lambda x: relax.op.mean(x, axis=[0, 2, 3]), True),
+    ([(4, 1000)], relax.op.nn.softmax, True),
+    ([(3, 7)], lambda x: relax.op.sum(x), False),                      # no spatial axis: left as lowered
+])
+def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
+    """A reducing kernel no tuning record covers (the distillation's gradient module, a cross-compiled
+    target) is tiled by the fixed rule, and computes what TVM's own lowering computes."""
+    import tvm
+    from ohq_tvm import build
+    rng = np.random.default_rng(0)
+    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", xs):
+        with bb.dataflow():
+            out = bb.emit_output(op(*xs))
+        bb.emit_func_output(out)
+    target = parse_target("llvm")
+    fused = tune.fuse(bb.get(), target)
+    scheduled = tune.ScheduleUntuned(tune.fuse(bb.get(), target))
+    kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
+    script = "\n".join(f.script() for f in kernels)
+    assert ('_init")' in script) == tiled, script    # the rule's last step splits off the reduction's init
+    args = [tvm.runtime.tensor(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](*args).numpy()
+                for m in (fused, scheduled))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_database_is_parsed_once_while_its_files_are_unchanged(tmp_path):
