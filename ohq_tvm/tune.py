@@ -26,6 +26,7 @@ from tvm import relax
 import tvm.s_tir.meta_schedule as ms
 
 from .errors import OhqError, last_line
+from .layers import copy_module
 from .target import Target
 
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
@@ -287,6 +288,7 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
 def ScheduleUntuned(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Give every PrimFunc that is not scheduled yet (no tuning record) the fixed rule of `schedule_untuned`."""
     todo = {gv: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and not _scheduled(f)}
+    mod = copy_module(mod)      # a pass leaves its input as it was
     for gv, func in todo.items():
         mod[gv] = schedule_untuned(func)
     return mod

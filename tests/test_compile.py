@@ -141,6 +141,17 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
 
 
+def _one_op_module(shapes: list[tuple[int, ...]], op) -> "tvm.IRModule":
+    """main(x0, x1, ...) = op(x0, x1, ...) over float32 tensors of `shapes`."""
+    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", xs):
+        with bb.dataflow():
+            out = bb.emit_output(op(*xs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 @pytest.mark.parametrize("shapes, op, lanes", [
     ([(1, 3, 224, 224)], lambda x: relax.op.permute_dims(x, [0, 2, 3, 1]), None),   # 3 channels: unrolled
     ([(1, 56, 56, 24), (1, 56, 56, 24)], relax.op.add, 8),
@@ -152,19 +163,14 @@ def test_injective_rule_vectorizes_rows_not_across_them(shapes, op, lanes):
     """The rule's lanes stay inside the innermost loop (a row), whatever the shape: values as numpy's."""
     import tvm
     rng = np.random.default_rng(0)
-    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
-    bb = relax.BlockBuilder()
-    with bb.function("main", xs):
-        with bb.dataflow():
-            out = bb.emit_output(op(*xs))
-        bb.emit_func_output(out)
-    func = next(f for f in relax.transform.LegalizeOps()(bb.get()).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    mod = _one_op_module(shapes, op)
+    func = next(f for f in relax.transform.LegalizeOps()(mod).functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     scheduled = tune.schedule_untuned(func)
     script = scheduled.script()
     assert (f"T.vectorized(T.int64({lanes}))" in script) if lanes else ("T.unroll(T.int64(3))" in script and "T.vectorized" not in script), script
     lib = tvm.tirx.build(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=parse_target("llvm").tvm)
     args = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
-    reference = relax.VirtualMachine(tvm.compile(bb.get(), target="llvm"), tvm.cpu())["main"](
+    reference = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())["main"](
         *[tvm.runtime.tensor(a) for a in args]).numpy()
     result = tvm.runtime.tensor(np.zeros(reference.shape, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], result)
@@ -193,15 +199,10 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
     import tvm
     from ohq_tvm import build
     rng = np.random.default_rng(0)
-    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
-    bb = relax.BlockBuilder()
-    with bb.function("main", xs):
-        with bb.dataflow():
-            out = bb.emit_output(op(*xs))
-        bb.emit_func_output(out)
+    mod = _one_op_module(shapes, op)
     target = parse_target("llvm")
-    fused = tune.fuse(bb.get(), target)
-    scheduled = tune.ScheduleUntuned(tune.fuse(bb.get(), target))
+    fused = tune.fuse(mod, target)
+    scheduled = tune.ScheduleUntuned(fused)      # a pass: `fused` itself stays as lowered
     kernels = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
     script = "\n".join(f.script() for f in kernels)
