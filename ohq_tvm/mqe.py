@@ -14,7 +14,8 @@
 3. The mask. One compiled fake-quant simulation of the network: every quantizable layer's weight is
    a runtime parameter (FP32, or its quantized-dequantized copy) and its input passes through
    x + e * (dequant(quant(x)) - x) with (1/scale, zero point, qmax, e, scale) a row of a runtime
-   matrix. Every layer x candidate evaluation reuses this one MetaSchedule-scheduled build.
+   matrix. Every layer x candidate evaluation reuses this one MetaSchedule-scheduled build, and starts from
+   the segment of its layer (`MaskedModule`): the layers before it compute what they did in FP32.
    s(layer, candidate) = mean over the batch of KL(softmax FP32 logits || softmax masked logits).
 
 Estimators (`--sensitivity`): mqe (above); weight-error (Hessian-free HAWQ: relative squared
@@ -318,8 +319,22 @@ def _fake_quant(x, inv_scale, zero_point, qmax, enabled, scale) -> relax.Expr:
     return op.add(x, op.multiply(enabled, op.subtract(op.multiply(op.subtract(q, zero_point), scale), x)))
 
 
-def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> tuple[tvm.IRModule, dict[str, np.ndarray]]:
-    """main(x, aq [L, 5], w_0 .. w_{L-1}) -> (logits, (input of layer 0, ..)); and the FP32 weights."""
+@dataclass
+class MaskedModule:
+    """The masked network as a chain of functions seg0 .. seg{K}: seg_k(h, aq [L, 5], weights of its layers)
+    -> (h of the next segment, (inputs of its layers)); seg0 takes the model input, the last returns the logits.
+    The chain is cut at layer inputs after which nothing else is live (between blocks), so it computes
+    exactly the network, and a run that quantizes only later layers can start from a later segment."""
+    mod: tvm.IRModule
+    fp32_weights: dict[str, np.ndarray]     # layer id -> the graph's weight constant
+    segment_of: list[int]                   # per layer: the segment that quantizes and runs it
+
+    @property
+    def segments(self) -> int:
+        return max(self.segment_of, default=0) + 1
+
+
+def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> MaskedModule:
     ids = [layer.id for layer in layers]
     aq = relax.Var("aq", relax.TensorType((len(ids), ACT_COLUMNS), "float32"))
     masker = _Masker(copy_module(mod), ids, aq)
@@ -327,58 +342,122 @@ def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> tuple[tvm.IRModule,
     missing = [i for i in ids if i not in masker.weights]
     if missing:
         raise OhqError(f"layers {', '.join(missing)} not found in the module")
-    # return the layer inputs too (calibration ranges): one more binding in the dataflow block
     *blocks, last = main.body.blocks
-    inputs = relax.Tuple([masker.inputs[i] for i in ids])
-    out = relax.Var("mqe_out", relax.TupleType([main.body.body.ty, inputs.ty]))
-    last = relax.DataflowBlock(list(last.bindings) + [relax.VarBinding(out, relax.Tuple([main.body.body, inputs]))])
-    params = [main.params[0], aq] + [masker.weights[i] for i in ids]
-    func = relax.Function(params, relax.SeqExpr([*blocks, last], out), out.ty)
-    func = func.with_attrs({"num_input": len(params), "global_symbol": "main"})
-    new = masker.builder_.get()
-    new["main"] = func
+    bindings = list(last.bindings)
+    cuts = _cuts(bindings, main.body.body, set(masker.inputs.values())) if not blocks else []
+    bounds = [0, *(c + 1 for c in cuts), len(bindings)]
+    first_use = {}
+    for j, binding in enumerate(bindings):
+        for v in relax.analysis.free_vars(binding.value):
+            first_use.setdefault(v, j)
+    segment_of = [int(np.searchsorted(bounds, first_use[masker.weights[i]], side="right")) - 1 for i in ids]
+    new = tvm.IRModule({gv: f for gv, f in masker.builder_.get().functions.items() if gv.name_hint != "main"})
+    for k, (begin, end) in enumerate(zip(bounds, bounds[1:])):
+        own = [i for i, s in zip(ids, segment_of) if s == k]
+        body = bindings[begin:end]
+        if k == 0:
+            params, blocks_k = [main.params[0]], blocks
+        else:   # the cut var, a param now: aliased, and the alias removed by CanonicalizeBindings below
+            cut = bindings[begin - 1].var
+            params, blocks_k = [relax.Var(f"h{k}", cut.ty)], []
+            body = [relax.VarBinding(cut, params[0]), *body]
+        result = main.body.body if k == len(bounds) - 2 else bindings[end - 1].var
+        outputs = relax.Tuple([result, relax.Tuple([masker.inputs[i] for i in own])])
+        out = relax.Var("out", outputs.ty)
+        body.append(relax.VarBinding(out, outputs))
+        params += [aq] + [masker.weights[i] for i in own]
+        func = relax.Function(params, relax.SeqExpr([*blocks_k, relax.DataflowBlock(body)], out), out.ty)
+        func = relax.utils.copy_with_new_vars(func)     # no var defined in two functions
+        new[f"seg{k}"] = func.with_attrs({"num_input": len(params), "global_symbol": f"seg{k}"})
     new = relax.transform.CanonicalizeBindings()(new)
-    return relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}
+    return MaskedModule(relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}, segment_of)
+
+
+def _cuts(bindings: list[relax.Binding], output: relax.Expr, candidates: set) -> list[int]:
+    """Indices of the bindings of `candidates` after which their var is the only one still needed."""
+    last_use = {}
+    for j, binding in enumerate(bindings):
+        for v in relax.analysis.free_vars(binding.value):
+            last_use[v] = j
+    for v in relax.analysis.free_vars(output):
+        last_use[v] = len(bindings)
+    cuts, live = [], set()
+    for j, binding in enumerate(bindings[:-1]):
+        live = {v for v in live if last_use[v] > j}
+        if last_use.get(binding.var, -1) > j:
+            live.add(binding.var)
+        if binding.var in candidates and live == {binding.var}:
+            cuts.append(j)
+    return cuts
 
 
 class Simulation:
-    """The compiled masked network: run(x, aq, weights) -> (logits, layer inputs)."""
+    """The compiled masked network: run(x, aq, weights) -> (logits, layer inputs). A run whose first quantized
+    layer is in segment k starts there, from the FP32 input of that segment (kept for the last x run)."""
 
     def __init__(self, imported: Imported, layers: list[Layer], target: Target, work_dir: str | Path,
                  tune_trials: int = 16) -> None:
         t0 = time.perf_counter()
-        mod, self.fp32_weights = masked_module(imported.mod, layers)
-        fused = tune.fuse(mod, target)
+        masked = masked_module(imported.mod, layers)
+        self.fp32_weights, self.segment_of = masked.fp32_weights, masked.segment_of
+        fused = tune.fuse(masked.mod, target)
         self.tune_stats = tune.tune(fused, target, Path(work_dir), tune_trials)
         self.tune_seconds = time.perf_counter() - t0
         scheduled = tune.apply(fused, target, Path(work_dir))
         self.vm = relax.VirtualMachine(build.compile_module(scheduled, target), tvm.cpu())
-        self.main = self.vm["main"]
+        self.segments = [self.vm[f"seg{k}"] for k in range(masked.segments)]
         self.layers = layers
         self.fp32_args = [tvm.runtime.tensor(self.fp32_weights[layer.id]) for layer in layers]
+        self._entries: tuple[bytes, list[list]] | None = None     # (digest of x, per sample the segment inputs)
         self.build_seconds = time.perf_counter() - t0
 
     def idle_mask(self) -> np.ndarray:
         row = np.array([1.0, 0.0, 2.0 ** 24, 0.0, 1.0], np.float32)
         return np.tile(row, (len(self.layers), 1))
 
-    def _args(self, aq: np.ndarray | None, weights: dict[int, tvm.runtime.Tensor] | None) -> list:
-        args = [tvm.runtime.tensor(self.idle_mask() if aq is None else aq), *self.fp32_args]
-        for index, w in (weights or {}).items():
-            args[1 + index] = w
+    def _args(self, aq: np.ndarray | None, weights: dict[int, tvm.runtime.Tensor] | None) -> list[list]:
+        """Per segment: aq and the weights of its layers."""
+        aq = tvm.runtime.tensor(self.idle_mask() if aq is None else aq)
+        args = [[aq] for _ in self.segments]
+        for index, segment in enumerate(self.segment_of):
+            args[segment].append((weights or {}).get(index, self.fp32_args[index]))
         return args
 
     def run(self, x: np.ndarray, aq: np.ndarray | None = None, weights: dict[int, tvm.runtime.Tensor] | None = None
             ) -> tuple[np.ndarray, list]:
         """Logits [N, classes] and, per sample, the inputs of the layers (batch-1 calls over x's leading axis)."""
-        args = self._args(aq, weights)
-        outs = [self.main(tvm.runtime.tensor(np.ascontiguousarray(sample[None])), *args) for sample in x]
-        return np.concatenate([out[0].numpy() for out in outs]), [out[1] for out in outs]
+        args, logits, inputs, entries = self._args(aq, weights), [], [], []
+        for sample in x:
+            h, seen, entry = tvm.runtime.tensor(np.ascontiguousarray(sample[None])), [], []
+            for segment, segment_args in zip(self.segments, args):
+                entry.append(h)
+                h, ins = segment(h, *segment_args)
+                seen.extend(ins)
+            logits.append(h.numpy())
+            inputs.append(seen)
+            entries.append(entry)
+        if aq is None and not weights:
+            self._entries = (_digest(x), entries)
+        return np.concatenate(logits), inputs
 
     def logits(self, x: np.ndarray, aq: np.ndarray, weights: dict[int, tvm.runtime.Tensor]) -> np.ndarray:
         args = self._args(aq, weights)
-        return np.concatenate([self.main(tvm.runtime.tensor(np.ascontiguousarray(s[None])), *args)[0].numpy()
-                               for s in x])
+        quantized = [i for i in range(len(self.layers)) if aq[i, 3] != 0 or i in weights]
+        start = min((self.segment_of[i] for i in quantized), default=len(self.segments) - 1)
+        if start and (self._entries is None or self._entries[0] != _digest(x)):
+            self.run(x)
+        out = []
+        for s, sample in enumerate(x):
+            h = self._entries[1][s][start] if start else tvm.runtime.tensor(np.ascontiguousarray(sample[None]))
+            for segment, segment_args in zip(self.segments[start:], args[start:]):
+                h = segment(h, *segment_args)[0]
+            out.append(h.numpy())
+        return np.concatenate(out)
+
+
+def _digest(x: np.ndarray) -> bytes:
+    import hashlib
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes() + repr((x.shape, x.dtype)).encode()).digest()
 
 
 def fake_quant_weight(layer: Layer, config: Config, weight: np.ndarray, reduce_range: bool) -> np.ndarray:

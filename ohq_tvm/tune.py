@@ -309,6 +309,8 @@ def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
     """Replace every PrimFunc that has a tuning record with its best schedule; the others get the fixed rule
     (`schedule_untuned`)."""
     db = _database(work_dir, target)
+    entries = [gv.name_hint for gv, f in fused.functions.items()
+               if isinstance(f, relax.Function) and "global_symbol" in (f.attrs or {})]
     with target.tvm, db:
         return tvm.transform.Sequential([
             relax.transform.MetaScheduleApplyDatabase(enable_warning=False),
@@ -316,7 +318,7 @@ def apply(fused: tvm.IRModule, target: Target, work_dir: Path) -> tvm.IRModule:
             relax.transform.SplitLayoutRewritePreproc(),
             relax.transform.LiftTransformParams(),
             relax.transform.FoldConstant(),
-            relax.transform.DeadCodeElimination(entry_functions=["main"]),
+            relax.transform.DeadCodeElimination(entry_functions=entries),
         ])(fused)
 
 
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mqe:
         from .layers import find_layers
         from .mqe import masked_module
-        mod, _ = masked_module(mod, find_layers(mod))
+        mod = masked_module(mod, find_layers(mod)).mod
     stats = tune(fuse(mod, target), target, args.work_dir, args.trials, top_up=args.top_up)
     print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials); "
           f"records in {database_dir(args.work_dir, target)}")

@@ -76,6 +76,23 @@ def test_idle_mask_is_the_fp32_model(fmnist):
     np.testing.assert_allclose(inputs[1][0].numpy().transpose(0, 3, 1, 2), x[1:2])   # NHWC view of the input
 
 
+def test_a_run_from_a_later_segment_is_the_whole_run(fmnist):
+    """Quantizing only a late layer starts from that layer's segment, from FP32 inputs kept of the same x."""
+    imported, layers, sim = fmnist
+    assert len(sim.segments) > 3 and sim.segment_of == sorted(sim.segment_of)
+    rng = np.random.default_rng(2)
+    x, other = (rng.uniform(0, 1, (2, *imported.input_shape[1:])).astype(np.float32) for _ in range(2))
+    sim.run(x)
+    config = kernels.parse_config("W2A2")
+    ranges = {layer.id: (0.0, 4.0) for layer in layers}
+    for index in (len(layers) - 1, len(layers) // 2):
+        assert sim.segment_of[index] > 0
+        mask = mqe.quantization_mask(sim, layers, {layers[index].id: config}, ranges, ISA.reduce_range)
+        for data in (x, other, x):     # the kept FP32 inputs follow x
+            np.testing.assert_array_equal(sim.logits(data, *mask), sim.run(data, *mask)[0])
+    assert not np.array_equal(sim.logits(x, *mask), sim.run(x)[0])
+
+
 def test_estimators_score_every_available_candidate(fmnist):
     imported, layers, sim = fmnist
     x = mqe.noise_inputs(imported.input_shape, 4, seed=0, input_range=(0.0, 1.0))
