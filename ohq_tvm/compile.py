@@ -389,7 +389,7 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
                         f"{sens.method}, {sens.calibration.source} inputs", choices, front, stages, notes,
                         kept_fp32(imported.ops, len(flow.layers), records), mix_loss=mix, int8_mix_loss=int8_mix,
                         int8_predicted_ms=predicted(int8, rest_ms) if uniform_ms is not None else None)
-    stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0)
+    stats = tune.TuneStats(flow.stats.tasks, flow.tuned, 0, flow.stats.untuned)
     return Compiled(imported, flow.layers, target, executable, stats, stages, rep, records)
 
 
@@ -495,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in report.summary_lines(result.report):
             out.print(line)
     stats = result.tune_stats
-    console.print(f"kernels: {stats.tasks}, tuned now: {stats.tuned}, from logs: {stats.tasks - stats.tuned}")
+    console.print(f"kernels: {stats.tasks}, tuned now: {stats.tuned}, from logs: "
+                  f"{stats.tasks - stats.tuned - stats.untuned}, without a record (fixed rule): {stats.untuned}")
     t0 = time.perf_counter()
     written = result.export(output, force=args.force, model_name=args.model.stem)
     result.stage_seconds["export"] = time.perf_counter() - t0

@@ -43,6 +43,7 @@ class TuneStats:
     tasks: int
     tuned: int          # tasks that were missing from the database
     trials: int
+    untuned: int = 0    # tasks left without a record (no trials, or not this CPU): the fixed rule schedules them
 
 
 def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
@@ -134,8 +135,10 @@ def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: i
             runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)))
         prune(database_dir(work_dir, target))
-    tuned = len(todo) if trials_per_task > 0 and target.native else 0
-    return TuneStats(tasks=len(tasks), tuned=tuned, trials=trials_per_task * tuned)
+    searched = trials_per_task > 0 and target.native
+    tuned = len(todo) if searched else 0
+    return TuneStats(tasks=len(tasks), tuned=tuned, trials=trials_per_task * tuned,
+                     untuned=0 if searched else len(missing))
 
 
 def _heaviest(tasks: list, db: ms.database.Database, count: int) -> list:
@@ -256,6 +259,9 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     uses = [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in largest.region]
     inner, row = [], None
     vectorized = extents[-1] >= 4 and axes[spatial - 1].var in uses[-1]
+    if extents[-1] >= 4 and not vectorized:
+        uses = _walk_last(sch, block, axes[spatial - 1].var) or uses
+        vectorized = axes[spatial - 1].var in uses[-1]
     if vectorized:
         lanes = _lanes(extents[-1])
         if lanes is not None and lanes < extents[-1]:
@@ -263,11 +269,15 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
         else:
             vector = outer[-1]
         outer, inner = outer[:-1], [vector]
-    blocked = next((i for i in reversed(range(len(outer))) if extents[i] % block_by == 0 and extents[i] > block_by
-                    and not any(axes[i].var in u for u in uses)), None)
+    free = [i for i in reversed(range(len(outer))) if not any(axes[i].var in u for u in uses)]
+    blocked = next((i for i in free if extents[i] % block_by == 0 and extents[i] > block_by), None)
     if blocked is not None:
         outer[blocked], block_axis = sch.split(outer[blocked], [None, block_by])
         inner = [block_axis, *inner]
+    else:       # a short axis (a 7x7 or 14x14 row) is blocked whole
+        blocked = next((i for i in free if 1 < extents[i] <= 2 * block_by), None)
+        if blocked is not None:
+            inner = [outer.pop(blocked), *inner]
     anchor = row if row is not None else (outer[-1] if outer else None)
     sch.reorder(*outer, *([row] if row is not None else []), *reduce, *inner)
     if inner and anchor is not None:
@@ -282,6 +292,29 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     if outer and math.prod(extents) >= 64:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
     sch.decompose_reduction(block, reduce[0])      # after the loop annotations: they need the init inside
+
+
+def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> list[set] | None:
+    """Put the dimension of a layout-free input (a constant weight) that `axis` walks last: an NHWC conv's
+    OHWI weight becomes HWIO, so the output channels are its contiguous vector. The copy is a layout-rewrite
+    block, which the build splits out and folds into the constant (as for MetaSchedule's layouts). Returns the
+    new layout's per-dimension index variables, or None if no input qualifies."""
+    func = sch.mod["main"]
+    free = [func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])]
+    for index, read in enumerate(sch.get(block).reads):
+        if not any(read.source.same_as(b) for b in free):
+            continue
+        uses = [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in read.region]
+        dims = [d for d, u in enumerate(uses) if axis in u]
+        if len(dims) != 1 or dims[0] == len(uses) - 1 or uses[dims[0]] != {axis}:
+            continue
+        order = [d for d in range(len(uses)) if d != dims[0]] + dims
+        copy = sch.cache_read(block, index, "global")
+        sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
+        sch.transform_layout(block, ("read", index),
+                             tvm.tirx.IndexMap.from_func(lambda *i: [i[d] for d in order], ndim=len(order)))
+        return [uses[d] for d in order]
+    return None
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="ScheduleUntuned")

@@ -213,6 +213,33 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", [
+    ((1, 28, 28, 16), (32, 3, 3, 16), 1, 1),
+    ((1, 7, 7, 40), (24, 1, 1, 40), 1, 0),         # a 7-wide row: blocked whole
+    ((2, 15, 15, 8), (20, 3, 3, 8), 2, 1),
+])
+def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_path, x_shape, w_shape, strides,
+                                                                          padding):
+    """The rule puts a constant OHWI weight in HWIO layout (folded at build) and vectorizes the output channels."""
+    import tvm
+    from ohq_tvm import build
+    rng = np.random.default_rng(0)
+    w = relax.const(rng.standard_normal(w_shape, dtype=np.float32))
+    mod = _one_op_module([x_shape], lambda x: relax.op.nn.conv2d(
+        x, w, strides, padding, data_layout="NHWC", kernel_layout="OHWI"))
+    target = parse_target("llvm")
+    fused = tune.fuse(mod, target)
+    scheduled = tune.apply(fused, target, tmp_path)        # an empty work dir: no records
+    [conv] = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in f.script()]
+    o, kh, kw, i = w_shape
+    assert (kh, kw, i, o) in [tuple(int(d) for d in p.shape) for p in conv.params]
+    assert "T.vectorized" in conv.script() and "layout_rewrite_preproc" not in conv.script()
+    x = tvm.runtime.tensor(rng.standard_normal(x_shape, dtype=np.float32))
+    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](x).numpy()
+                for m in (fused, scheduled))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_tuning_database_is_parsed_once_while_its_files_are_unchanged(tmp_path):
     target = parse_target("llvm")
     path = tune.database_dir(tmp_path, target)
