@@ -207,8 +207,8 @@ def _reduces(sch: s_tir.Schedule, block) -> bool:
     return any(int(v.iter_type) != tvm.tirx.IterVar.DataPar for v in sch.get(block).iter_vars)
 
 
-def _lanes(width: int) -> int | None:
-    return next((v for v in (16, 8, 4) if width % v == 0), None)
+def _lanes(width: int, most: int = 16) -> int | None:
+    return next((v for v in (16, 8, 4) if v <= most and width % v == 0), None)
 
 
 def _vectorize_rows(sch: s_tir.Schedule, block, parallel_min: int) -> None:
@@ -241,10 +241,11 @@ def _vectorize_rows(sch: s_tir.Schedule, block, parallel_min: int) -> None:
 
 def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     """out[s...] += f(in[...], ...) over reduction axes r... (a conv, a transposed conv's gradient, a mean):
-    the outer spatial axes run parallel; the innermost one is vectorized when it also walks the largest
-    input's last (contiguous) dimension; a spatial axis that input does not depend on (a conv's output
-    channels) is split by `block_by` and unrolled, so every input vector loaded feeds `block_by`
-    accumulators; the accumulator tile lives in a local buffer (registers) across the reduction loops."""
+    the outer spatial axes run parallel; the innermost one is vectorized when an input's last (contiguous)
+    dimension walks it (a constant weight is rewritten so, `_walk_last`); a spatial axis that input does not
+    depend on (a conv's output channels, or its output row for HWIO weights) is split by `block_by` (or a
+    short one taken whole) and unrolled, so every vector loaded feeds that many accumulators; the
+    accumulator tile lives in a local buffer (registers) across the reduction loops."""
     stmt = sch.get(block)
     axes = list(stmt.iter_vars)
     loops = sch.get_loops(block)
@@ -254,30 +255,31 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
         raise ValueError("not spatial loops around reduction loops")
     outer, reduce = list(loops[:spatial]), loops[spatial:]
     extents = [int(sch.get(loop).extent) for loop in outer]
-    largest = max(stmt.reads, key=lambda r: math.prod(
+    axis = axes[spatial - 1].var
+    if extents[-1] >= 4:
+        _walk_last(sch, block, axis)
+    reads = sorted(sch.get(block).reads, reverse=True, key=lambda r: math.prod(
         int(d.extent) if isinstance(d.extent, tvm.tirx.IntImm) else 0 for d in r.region))
-    uses = [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in largest.region]
-    inner, row = [], None
-    vectorized = extents[-1] >= 4 and axes[spatial - 1].var in uses[-1]
-    if extents[-1] >= 4 and not vectorized:
-        uses = _walk_last(sch, block, axes[spatial - 1].var) or uses
-        vectorized = axes[spatial - 1].var in uses[-1]
-    if vectorized:
-        lanes = _lanes(extents[-1])
+    uses = [[set(tvm.tirx.analysis.undefined_vars(d.min)) for d in r.region] for r in reads]
+    contiguous = [u for u in uses if axis in u[-1]]
+    inner, row, blocked, factor = [], None, None, 1
+    vectorized = extents[-1] >= 4 and bool(contiguous)
+    for operand in contiguous if vectorized else uses[:1]:     # the largest first
+        free = [i for i in reversed(range(len(outer) - vectorized)) if not any(axes[i].var in u for u in operand)]
+        blocked = next((i for i in free if _block_factor(extents[i], block_by)), None)
+        if blocked is not None:
+            factor = _block_factor(extents[blocked], block_by)
+            break
+    if vectorized:      # the accumulator tile: at most 64 floats (8 AVX2 / 4 AVX-512 / 16 NEON registers)
+        lanes = _lanes(extents[-1], most=max(4, 64 // factor))
         if lanes is not None and lanes < extents[-1]:
             row, vector = sch.split(outer[-1], [None, lanes])
         else:
             vector = outer[-1]
         outer, inner = outer[:-1], [vector]
-    free = [i for i in reversed(range(len(outer))) if not any(axes[i].var in u for u in uses)]
-    blocked = next((i for i in free if extents[i] % block_by == 0 and extents[i] > block_by), None)
     if blocked is not None:
-        outer[blocked], block_axis = sch.split(outer[blocked], [None, block_by])
+        outer[blocked], block_axis = sch.split(outer[blocked], [None, factor])
         inner = [block_axis, *inner]
-    else:       # a short axis (a 7x7 or 14x14 row) is blocked whole
-        blocked = next((i for i in free if 1 < extents[i] <= 2 * block_by), None)
-        if blocked is not None:
-            inner = [outer.pop(blocked), *inner]
     anchor = row if row is not None else (outer[-1] if outer else None)
     sch.reorder(*outer, *([row] if row is not None else []), *reduce, *inner)
     if inner and anchor is not None:
@@ -294,11 +296,18 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     sch.decompose_reduction(block, reduce[0])      # after the loop annotations: they need the init inside
 
 
-def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> list[set] | None:
-    """Put the dimension of a layout-free input (a constant weight) that `axis` walks last: an NHWC conv's
-    OHWI weight becomes HWIO, so the output channels are its contiguous vector. The copy is a layout-rewrite
-    block, which the build splits out and folds into the constant (as for MetaSchedule's layouts). Returns the
-    new layout's per-dimension index variables, or None if no input qualifies."""
+def _block_factor(extent: int, block_by: int) -> int | None:
+    """`block_by` if it divides `extent`, else its largest divisor up to 2 x block_by (a 7x7 or 14x14 row: 7)."""
+    if extent % block_by == 0 and extent > block_by:
+        return block_by
+    return next((d for d in range(2 * block_by, 1, -1) if extent % d == 0), None)
+
+
+def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> None:
+    """Put the dimension `axis` walks last in every layout-free input (a constant weight) it walks alone: an
+    NHWC conv's OHWI weight becomes HWIO, a depthwise one's C x kh x kw x 1 becomes kh x kw x 1 x C, so the
+    output channels are contiguous. The copy is a layout-rewrite block, which the build splits out and folds
+    into the constant (as for MetaSchedule's layouts)."""
     func = sch.mod["main"]
     free = [func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])]
     for index, read in enumerate(sch.get(block).reads):
@@ -313,8 +322,6 @@ def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> list[set] | No
         sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
         sch.transform_layout(block, ("read", index),
                              tvm.tirx.IndexMap.from_func(lambda *i: [i[d] for d in order], ndim=len(order)))
-        return [uses[d] for d in order]
-    return None
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="ScheduleUntuned")

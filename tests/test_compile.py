@@ -217,16 +217,18 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
     ((1, 28, 28, 16), (32, 3, 3, 16), 1, 1),
     ((1, 7, 7, 40), (24, 1, 1, 40), 1, 0),         # a 7-wide row: blocked whole
     ((2, 15, 15, 8), (20, 3, 3, 8), 2, 1),
+    ((1, 14, 14, 32), (32, 5, 5, 1), 1, 2),        # depthwise
 ])
 def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_path, x_shape, w_shape, strides,
                                                                           padding):
     """The rule puts a constant OHWI weight in HWIO layout (folded at build) and vectorizes the output channels."""
+    groups = x_shape[-1] if w_shape[-1] == 1 else 1
     import tvm
     from ohq_tvm import build
     rng = np.random.default_rng(0)
     w = relax.const(rng.standard_normal(w_shape, dtype=np.float32))
     mod = _one_op_module([x_shape], lambda x: relax.op.nn.conv2d(
-        x, w, strides, padding, data_layout="NHWC", kernel_layout="OHWI"))
+        x, w, strides, padding, groups=groups, data_layout="NHWC", kernel_layout="OHWI"))
     target = parse_target("llvm")
     fused = tune.fuse(mod, target)
     scheduled = tune.apply(fused, target, tmp_path)        # an empty work dir: no records
