@@ -7,7 +7,9 @@ schedule tuned at 2 threads is replayed at 1) and are re-applied without re-tuni
 from the database are tuned. Injective kernels (elementwise, reshapes, MQE's fake quantizers) are
 memory-bound and get a fixed rule instead of a search: inline into one loop nest, parallel outer part,
 vectorized inner part. A reducing kernel without a record (MQE's gradient module, ``--tune-trials 0``, a
-cross-compiled target) gets a fixed tiling rule too (5-10x faster than TVM's unscheduled lowering).
+cross-compiled target) gets a fixed tiling rule too: constant weights rewritten so the vectorized output
+channels are contiguous, a register tile of accumulators (untuned EfficientNet-Lite0 FP32: 9x faster than
+TVM's unscheduled lowering, on par with 16 MetaSchedule trials per kernel).
 """
 from __future__ import annotations
 
