@@ -344,11 +344,12 @@ def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> MaskedModule:
         raise OhqError(f"layers {', '.join(missing)} not found in the module")
     *blocks, last = main.body.blocks
     bindings = list(last.bindings)
-    cuts = _cuts(bindings, main.body.body, set(masker.inputs.values())) if not blocks else []
+    reads = [relax.analysis.free_vars(binding.value) for binding in bindings]
+    cuts = _cuts(bindings, reads, main.body.body, set(masker.inputs.values())) if not blocks else []
     bounds = [0, *(c + 1 for c in cuts), len(bindings)]
     first_use = {}
-    for j, binding in enumerate(bindings):
-        for v in relax.analysis.free_vars(binding.value):
+    for j, used in enumerate(reads):
+        for v in used:
             first_use.setdefault(v, j)
     segment_of = [int(np.searchsorted(bounds, first_use[masker.weights[i]], side="right")) - 1 for i in ids]
     new = tvm.IRModule({gv: f for gv, f in masker.builder_.get().functions.items() if gv.name_hint != "main"})
@@ -373,11 +374,12 @@ def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> MaskedModule:
     return MaskedModule(relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}, segment_of)
 
 
-def _cuts(bindings: list[relax.Binding], output: relax.Expr, candidates: set) -> list[int]:
-    """Indices of the bindings of `candidates` after which their var is the only one still needed."""
+def _cuts(bindings: list[relax.Binding], reads: list, output: relax.Expr, candidates: set) -> list[int]:
+    """Indices of the bindings of `candidates` after which their var is the only one still needed (`reads`:
+    the vars each binding reads)."""
     last_use = {}
-    for j, binding in enumerate(bindings):
-        for v in relax.analysis.free_vars(binding.value):
+    for j, used in enumerate(reads):
+        for v in used:
             last_use[v] = j
     for v in relax.analysis.free_vars(output):
         last_use[v] = len(bindings)

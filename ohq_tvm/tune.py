@@ -262,15 +262,14 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
         _walk_last(sch, block, axis)
     reads = sorted(sch.get(block).reads, reverse=True, key=lambda r: math.prod(
         int(d.extent) if isinstance(d.extent, tvm.tirx.IntImm) else 0 for d in r.region))
-    uses = [[set(tvm.tirx.analysis.undefined_vars(d.min)) for d in r.region] for r in reads]
+    uses = [_index_vars(r) for r in reads]
     contiguous = [u for u in uses if axis in u[-1]]
     inner, row, blocked, factor = [], None, None, 1
     vectorized = extents[-1] >= 4 and bool(contiguous)
     for operand in contiguous if vectorized else uses[:1]:     # the largest first
         free = [i for i in reversed(range(len(outer) - vectorized)) if not any(axes[i].var in u for u in operand)]
-        blocked = next((i for i in free if _block_factor(extents[i], block_by)), None)
+        blocked, factor = next(((i, f) for i in free if (f := _block_factor(extents[i], block_by))), (None, 1))
         if blocked is not None:
-            factor = _block_factor(extents[blocked], block_by)
             break
     if vectorized:      # the accumulator tile: at most 64 floats (8 AVX2 / 4 AVX-512 / 16 NEON registers)
         lanes = _lanes(extents[-1], most=max(4, 64 // factor))
@@ -298,6 +297,11 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     sch.decompose_reduction(block, reduce[0])      # after the loop annotations: they need the init inside
 
 
+def _index_vars(read) -> list[set]:
+    """Per dimension of a block's read region: the loop variables its index uses."""
+    return [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in read.region]
+
+
 def _block_factor(extent: int, block_by: int) -> int | None:
     """`block_by` if it divides `extent`, else its largest divisor up to 2 x block_by (a 7x7 or 14x14 row: 7)."""
     if extent % block_by == 0 and extent > block_by:
@@ -315,7 +319,7 @@ def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> None:
     for index, read in enumerate(sch.get(block).reads):
         if not any(read.source.same_as(b) for b in free):
             continue
-        uses = [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in read.region]
+        uses = _index_vars(read)
         dims = [d for d, u in enumerate(uses) if axis in u]
         if len(dims) != 1 or dims[0] == len(uses) - 1 or uses[dims[0]] != {axis}:
             continue
