@@ -46,6 +46,7 @@ class TuneStats:
     tuned: int          # tasks that were missing from the database
     trials: int
     untuned: int = 0    # tasks left without a record (no trials, or not this CPU): the fixed rule schedules them
+    rule_best: int = 0  # of the tasks the rule was timed for, those where its schedule is the fastest record
 
 
 def fuse(mod: tvm.IRModule, target: Target) -> tvm.IRModule:
@@ -115,9 +116,13 @@ def _check_json_lines(file: Path) -> None:
 
 
 def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: int = 64,
-         seed: int = 0, top_up: int = 0) -> TuneStats:
+         seed: int = 0, top_up: int = 0, rule_everywhere: bool = False) -> TuneStats:
     """Tune the PrimFuncs of `fused` that the database has no record for.
 
+    The fixed rule (`rule`) is the first candidate of every task tuned: it is timed and committed as a
+    record, so the search starts from it and `apply` takes it where it is faster than what the search found
+    (it beats 16 trials on most convs of a depthwise-separable network). `rule_everywhere`: time it for every
+    task, also those with records (databases tuned before the rule was a candidate).
     `top_up`: also give the `top_up` kernels that take the most time (best record x occurrences)
     `trials_per_task` more trials; the search starts from the records already in the database.
     """
@@ -126,29 +131,66 @@ def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: i
     db = _database(work_dir, target)
     missing = _missing(tasks, db)
     todo = missing + (_heaviest([t for t in tasks if t not in missing], db, top_up) if top_up else [])
-    if todo and trials_per_task > 0 and target.native:
+    searched = trials_per_task > 0 and target.native
+    ruled = (tasks if rule_everywhere else todo if searched else []) if target.native else []
+    rule_seconds = _commit_rule(ruled, db, target) if ruled else []
+    if todo and searched:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir=str(database_dir(work_dir, target)), seed=seed)
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=str(database_dir(work_dir, target)),
             max_trials_global=trials_per_task * len(todo), max_trials_per_task=trials_per_task,
             num_trials_per_iter=min(32, trials_per_task), database=db, cost_model="xgb",
-            builder=ms.builder.LocalBuilder(timeout_sec=60, initializer=skip_gpu_intrinsics),
-            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-                number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False)))
+            builder=_builder(), runner=_runner())
+    if ruled or (todo and searched):
         prune(database_dir(work_dir, target))
-    searched = trials_per_task > 0 and target.native
     tuned = len(todo) if searched else 0
+    rule_best = sum(_best_seconds(t, db) >= seconds for t, seconds in rule_seconds)
     return TuneStats(tasks=len(tasks), tuned=tuned, trials=trials_per_task * tuned,
-                     untuned=0 if searched else len(missing))
+                     untuned=len(_missing(tasks, db)), rule_best=rule_best)
+
+
+def _builder() -> ms.builder.Builder:
+    return ms.builder.LocalBuilder(timeout_sec=60, initializer=skip_gpu_intrinsics)
+
+
+def _runner() -> ms.runner.Runner:
+    return ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
+
+
+def _commit_rule(tasks: list, db: ms.database.Database, target: Target) -> list[tuple]:
+    """Build and time the rule's schedule of each task the way the search times its candidates, and commit
+    it as a tuning record (its trace replays like any other). Returns (task, its mean seconds) pairs."""
+    # the rule schedules the database's copy of the workload: a structurally equal kernel of another model
+    # names its blocks differently, and a trace replays by block names
+    workloads = [db.commit_workload(t.dispatched[0]) for t in tasks]
+    schedules = [rule(w.mod["main"]) for w in workloads]
+    built = _builder().build([ms.builder.BuilderInput(s.mod, target.tvm) for s in schedules])
+    args = [ms.arg_info.ArgInfo.from_entry_func(s.mod) for s in schedules]   # weights in the rewritten layout
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    runs = _runner().run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
+    seconds = []
+    for i, run in zip(ok, runs):
+        result = run.result()
+        if result.error_msg is None:
+            db.commit_tuning_record(ms.database.TuningRecord(
+                schedules[i].trace, workloads[i], result.run_secs, target.tvm, args[i]))
+            seconds.append((tasks[i], _mean(result.run_secs)))
+    return seconds
 
 
 def _heaviest(tasks: list, db: ms.database.Database, count: int) -> list:
-    def seconds(task) -> float:
-        best = db.get_top_k(db.commit_workload(task.dispatched[0]), 1)
-        run_secs = [float(s) for s in best[0].run_secs] if best else []
-        return task.weight * (sum(run_secs) / len(run_secs) if run_secs else 0.0)
-    return sorted(tasks, key=seconds, reverse=True)[:count]
+    return sorted(tasks, key=lambda t: t.weight * _best_seconds(t, db), reverse=True)[:count]
+
+
+def _best_seconds(task, db: ms.database.Database) -> float:
+    best = db.get_top_k(db.commit_workload(task.dispatched[0]), 1)
+    return _mean(best[0].run_secs) if best else 0.0
+
+
+def _mean(run_secs) -> float:
+    return sum(float(s) for s in run_secs) / len(run_secs) if run_secs else float("inf")
 
 
 def prune(path: Path, keep: int = 2) -> None:
@@ -157,8 +199,7 @@ def prune(path: Path, keep: int = 2) -> None:
     by_workload: dict[int, list[tuple[float, str]]] = {}
     for line in records_file.read_text().splitlines():
         workload, (_, run_secs, *_rest) = json.loads(line)
-        mean = sum(run_secs) / len(run_secs) if run_secs else float("inf")
-        by_workload.setdefault(workload, []).append((mean, line))
+        by_workload.setdefault(workload, []).append((_mean(run_secs), line))
     kept = [line for rows in by_workload.values() for _, line in sorted(rows, key=lambda r: r[0])[:keep]]
     tmp = records_file.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -182,10 +223,15 @@ def _injective(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def schedule_untuned(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm.tirx.PrimFunc:
-    """The fixed rule for a kernel without a tuning record: elementwise stages are inlined into their
-    consumers (not into a reduction: a padded input stays one pass rather than a branch per multiply-add),
-    every reduction is tiled by `_tile_reduction`, and every other loop nest becomes parallel rows of one
-    vectorized row (`_vectorize_rows`)."""
+    """The fixed rule for a kernel without a tuning record (see `rule`)."""
+    return rule(func, parallel_min).mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def rule(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> s_tir.Schedule:
+    """The fixed rule, as a traced schedule: elementwise stages are inlined into their consumers (not into a
+    reduction: a padded input stays one pass rather than a branch per multiply-add), every reduction is tiled
+    by `_tile_reduction`, and every other loop nest becomes parallel rows of one vectorized row
+    (`_vectorize_rows`)."""
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root)[:-1]:
@@ -202,7 +248,7 @@ def schedule_untuned(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm.t
             sch = trial
         except (s_tir.ScheduleError, ValueError):     # a nest the rule does not cover: left as lowered
             pass
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
 
 
 def _reduces(sch: s_tir.Schedule, block) -> bool:
@@ -258,12 +304,11 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     outer, reduce = list(loops[:spatial]), loops[spatial:]
     extents = [int(sch.get(loop).extent) for loop in outer]
     axis = axes[spatial - 1].var
-    if extents[-1] >= 4:
-        _walk_last(sch, block, axis)
+    walkers = _walkers(sch, block, axis)
     reads = sorted(sch.get(block).reads, reverse=True, key=lambda r: math.prod(
-        int(d.extent) if isinstance(d.extent, tvm.tirx.IntImm) else 0 for d in r.region))
+        int(d) if isinstance(d, tvm.tirx.IntImm) else 0 for d in r.source.shape))     # the largest buffer first
     uses = [_index_vars(r) for r in reads]
-    contiguous = [u for u in uses if axis in u[-1]]
+    contiguous = [u for r, u in zip(reads, uses) if axis in u[-1] or any(r.source.same_as(w) for w in walkers)]
     inner, row, blocked, factor = [], None, None, 1
     vectorized = extents[-1] >= 4 and bool(contiguous)
     for operand in contiguous if vectorized else uses[:1]:     # the largest first
@@ -278,22 +323,29 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
         else:
             vector = outer[-1]
         outer, inner = outer[:-1], [vector]
+    if vectorized:
+        _walk_last(sch, block, walkers, lanes if row is not None else None)
     if blocked is not None:
         outer[blocked], block_axis = sch.split(outer[blocked], [None, factor])
         inner = [block_axis, *inner]
-    anchor = row if row is not None else (outer[-1] if outer else None)
-    sch.reorder(*outer, *([row] if row is not None else []), *reduce, *inner)
-    if inner and anchor is not None:
+    # the largest operand is walked once: the loops it depends on go outermost, so a big weight's slice stays
+    # in cache while every output position uses it (and a big input's rows while every channel block does)
+    walked = set().union(*uses[0])
+    spatial_loops = [(loop, axes[i].var) for i, loop in enumerate(outer)] + ([(row, axis)] if row is not None else [])
+    outer = [loop for loop, var in sorted(spatial_loops, key=lambda lv: lv[1] not in walked)]
+    sch.reorder(*outer, *reduce, *inner)
+    if inner and outer:
         write_back = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(write_back, anchor)
+        sch.reverse_compute_at(write_back, outer[-1])
         for b in (block, write_back):
             nest = sch.get_loops(b)
             if vectorized:
                 sch.vectorize(nest[-1])
             if blocked is not None:
                 sch.unroll(nest[-len(inner)])
-    if outer and math.prod(extents) >= 64:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    if outer and math.prod(extents) >= 64:     # the innermost loop stays out when the others are enough to share:
+        shared = outer[:-1] if math.prod(int(sch.get(loop).extent) for loop in outer[:-1]) >= 64 else outer
+        sch.parallel(sch.fuse(*shared) if len(shared) > 1 else shared[0])   # fused, it costs a div/mod per access
     sch.decompose_reduction(block, reduce[0])      # after the loop annotations: they need the init inside
 
 
@@ -309,25 +361,41 @@ def _block_factor(extent: int, block_by: int) -> int | None:
     return next((d for d in range(2 * block_by, 1, -1) if extent % d == 0), None)
 
 
-def _walk_last(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> None:
-    """Put the dimension `axis` walks last in every layout-free input (a constant weight) it walks alone: an
-    NHWC conv's OHWI weight becomes HWIO, a depthwise one's C x kh x kw x 1 becomes kh x kw x 1 x C, so the
-    output channels are contiguous. The copy is a layout-rewrite block, which the build splits out and folds
-    into the constant (as for MetaSchedule's layouts)."""
+def _walkers(sch: s_tir.Schedule, block, axis: tvm.tirx.Var) -> dict:
+    """The layout-free inputs (constant weights) that walk the dimension `axis` walks alone: buffer -> the
+    read's dimensions in an order that puts that one last."""
     func = sch.mod["main"]
     free = [func.params[int(i)] for i in (func.attrs or {}).get("layout_free_buffers", [])]
-    for index, read in enumerate(sch.get(block).reads):
-        if not any(read.source.same_as(b) for b in free):
-            continue
+    walkers = {}
+    for read in sch.get(block).reads:
         uses = _index_vars(read)
         dims = [d for d, u in enumerate(uses) if axis in u]
-        if len(dims) != 1 or dims[0] == len(uses) - 1 or uses[dims[0]] != {axis}:
+        if any(read.source.same_as(b) for b in free) and len(dims) == 1 and uses[dims[0]] == {axis}:
+            walkers[read.source] = [d for d in range(len(uses)) if d != dims[0]] + dims
+    return walkers
+
+
+def _walk_last(sch: s_tir.Schedule, block, walkers: dict, lanes: int | None) -> None:
+    """Rewrite each weight of `walkers` so the dimension the vector walks is last: an NHWC conv's OHWI weight
+    becomes HWIO, a depthwise one's C x kh x kw x 1 becomes kh x kw x 1 x C, so the output channels are
+    contiguous. With `lanes` (the vector is one block of that dimension) it is also blocked, O/lanes x kh x kw
+    x I x lanes, so the weights one block uses are contiguous too (a 3x3 conv's HWIO rows are 2 KB apart at
+    512 channels). The copy is a layout-rewrite block, which the build splits out and folds into the
+    constant (as for MetaSchedule's layouts)."""
+    for index, read in enumerate(sch.get(block).reads):
+        order = next((o for b, o in walkers.items() if read.source.same_as(b)), None)
+        if order is None or (order == sorted(order) and lanes is None):
             continue
-        order = [d for d in range(len(uses)) if d != dims[0]] + dims
         copy = sch.cache_read(block, index, "global")
         sch.annotate(copy, "meta_schedule.layout_rewrite_preproc", True)
-        sch.transform_layout(block, ("read", index),
-                             tvm.tirx.IndexMap.from_func(lambda *i: [i[d] for d in order], ndim=len(order)))
+        sch.transform_layout(block, ("read", index), tvm.tirx.IndexMap.from_func(_layout(order, lanes), ndim=len(order)))
+
+
+def _layout(order: list[int], lanes: int | None):
+    def index(*i):
+        rest, last = [i[d] for d in order[:-1]], i[order[-1]]
+        return [*rest, last] if lanes is None else [last // lanes, *rest, last % lanes]
+    return index
 
 
 @tvm.ir.transform.module_pass(opt_level=0, name="ScheduleUntuned")
@@ -406,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=32, help="MetaSchedule trials per kernel (default 32)")
     parser.add_argument("--top-up", type=int, default=0, metavar="N",
                         help="also give the N kernels that take the most time --trials more trials")
+    parser.add_argument("--rule", action="store_true",
+                        help="also time the fixed rule on the kernels that have records, and keep it where it is faster")
     parser.add_argument("--mqe", action="store_true", help="tune MQE's masked simulation of the model instead")
     args = parser.parse_args(argv)
     quiet_tvm_logs()
@@ -418,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         from .layers import find_layers
         from .mqe import masked_module
         mod = masked_module(mod, find_layers(mod)).mod
-    stats = tune(fuse(mod, target), target, args.work_dir, args.trials, top_up=args.top_up)
-    print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials); "
-          f"records in {database_dir(args.work_dir, target)}")
+    stats = tune(fuse(mod, target), target, args.work_dir, args.trials, top_up=args.top_up, rule_everywhere=args.rule)
+    print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials), the fixed rule fastest on "
+          f"{stats.rule_best}; records in {database_dir(args.work_dir, target)}")
     return 0
 
 

@@ -141,9 +141,9 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
 
 
-def _one_op_module(shapes: list[tuple[int, ...]], op) -> "tvm.IRModule":
+def _one_op_module(shapes: list[tuple[int, ...]], op, name: str = "x") -> "tvm.IRModule":
     """main(x0, x1, ...) = op(x0, x1, ...) over float32 tensors of `shapes`."""
-    xs = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    xs = [relax.Var(f"{name}{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
     bb = relax.BlockBuilder()
     with bb.function("main", xs):
         with bb.dataflow():
@@ -221,7 +221,8 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
 ])
 def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_path, x_shape, w_shape, strides,
                                                                           padding):
-    """The rule puts a constant OHWI weight in HWIO layout (folded at build) and vectorizes the output channels."""
+    """The rule puts a constant OHWI weight in HWIO layout, blocked by the vector lanes when the output channels
+    are split (folded at build), and vectorizes the output channels."""
     groups = x_shape[-1] if w_shape[-1] == 1 else 1
     import tvm
     from ohq_tvm import build
@@ -234,11 +235,42 @@ def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_pa
     scheduled = tune.apply(fused, target, tmp_path)        # an empty work dir: no records
     [conv] = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in f.script()]
     o, kh, kw, i = w_shape
-    assert (kh, kw, i, o) in [tuple(int(d) for d in p.shape) for p in conv.params]
+    shapes = [tuple(int(d) for d in p.shape) for p in conv.params]
+    lanes = [s[-1] for s in shapes if s in [(kh, kw, i, o)] + [(o // n, kh, kw, i, n) for n in (4, 8, 16)]]
+    assert lanes, shapes        # HWIO, or blocked by the vector's lanes: O/lanes x kh x kw x I x lanes
     assert "T.vectorized" in conv.script() and "layout_rewrite_preproc" not in conv.script()
     x = tvm.runtime.tensor(rng.standard_normal(x_shape, dtype=np.float32))
     ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](x).numpy()
                 for m in (fused, scheduled))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_rule_is_a_timed_tuning_record_that_replays(tmp_path):
+    """Tuning times the fixed rule like a search candidate and commits it as a record; the database reloads
+    and `apply` replays it, also on a structurally equal kernel whose blocks are named differently."""
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+    from ohq_tvm import build
+    rng = np.random.default_rng(0)
+    w = relax.const(rng.standard_normal((16, 3, 3, 16), dtype=np.float32))
+    target = parse_target("llvm")
+
+    def conv_mean(x):       # the mean's reduction block is named after its input, x0 or y0
+        y = relax.op.nn.conv2d(x, w, padding=1, data_layout="NHWC", kernel_layout="OHWI")
+        return relax.op.add(y, relax.op.mean(x, axis=[1, 2], keepdims=True))
+    first, second = (tune.fuse(_one_op_module([(1, 14, 14, 16)], conv_mean, name), target) for name in "xy")
+    stats = tune.tune(first, target, tmp_path, trials_per_task=0, rule_everywhere=True)
+    assert (stats.tasks, stats.tuned, stats.untuned, stats.rule_best) == (2, 0, 0, 2)     # the only records
+    tune.tune(second, target, tmp_path, trials_per_task=0, rule_everywhere=True)    # timed again: 2 records each
+    path = tune.database_dir(tmp_path, target)
+    assert len((path / "database_workload.json").read_text().splitlines()) == 2
+    records = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural").get_all_tuning_records()
+    assert len(records) == 4 and all(float(r.run_secs[0]) > 0 for r in records)
+    x = tvm.runtime.tensor(rng.standard_normal((1, 14, 14, 16), dtype=np.float32))
+    scheduled = tune.apply(second, target, tmp_path)
+    assert "T.vectorized" in "\n".join(f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](x).numpy()
+                for m in (second, scheduled))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
