@@ -6,10 +6,12 @@ live in a JSON database per CPU (``tuning_logs/<kind-cpu>/metaschedule``, shared
 schedule tuned at 2 threads is replayed at 1) and are re-applied without re-tuning: only tasks missing
 from the database are tuned. Injective kernels (elementwise, reshapes, MQE's fake quantizers) are
 memory-bound and get a fixed rule instead of a search: inline into one loop nest, parallel outer part,
-vectorized inner part. A reducing kernel without a record (MQE's gradient module, ``--tune-trials 0``, a
-cross-compiled target) gets a fixed tiling rule too: constant weights rewritten so the vectorized output
-channels are contiguous, a register tile of accumulators (untuned EfficientNet-Lite0 FP32: 9x faster than
-TVM's unscheduled lowering, on par with 16 MetaSchedule trials per kernel).
+vectorized inner part. Reducing kernels have a fixed tiling rule too (`rule`): constant weights rewritten
+so the vectorized output channels are contiguous and blocked by the vector lanes, a register tile of
+accumulators, the largest operand walked once. It is timed as the first candidate of every task tuned and
+committed as a record, so `apply` takes the better of it and the search; a kernel without a record (MQE's
+gradient module, ``--tune-trials 0``, a cross-compiled target) gets it directly (untuned ResNet-18 FP32:
+0.7x the latency of 16 MetaSchedule trials per kernel, EfficientNet-Lite0 on par).
 """
 from __future__ import annotations
 
