@@ -325,7 +325,6 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
         else:
             vector = outer[-1]
         outer, inner = outer[:-1], [vector]
-    if vectorized:
         _walk_last(sch, block, walkers, lanes if row is not None else None)
     if blocked is not None:
         outer[blocked], block_axis = sch.split(outer[blocked], [None, factor])
