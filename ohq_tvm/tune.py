@@ -134,7 +134,7 @@ def tune(fused: tvm.IRModule, target: Target, work_dir: Path, trials_per_task: i
     missing = _missing(tasks, db)
     todo = missing + (_heaviest([t for t in tasks if t not in missing], db, top_up) if top_up else [])
     searched = trials_per_task > 0 and target.native
-    ruled = (tasks if rule_everywhere else todo if searched else []) if target.native else []
+    ruled = tasks if rule_everywhere and target.native else todo if searched else []
     rule_seconds = _commit_rule(ruled, db, target) if ruled else []
     if todo and searched:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -310,7 +310,7 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     reads = sorted(sch.get(block).reads, reverse=True, key=lambda r: math.prod(
         int(d) if isinstance(d, tvm.tirx.IntImm) else 0 for d in r.source.shape))     # the largest buffer first
     uses = [_index_vars(r) for r in reads]
-    contiguous = [u for r, u in zip(reads, uses) if axis in u[-1] or any(r.source.same_as(w) for w in walkers)]
+    contiguous = [u for r, u in zip(reads, uses) if axis in u[-1] or r.source in walkers]
     inner, row, blocked, factor = [], None, None, 1
     vectorized = extents[-1] >= 4 and bool(contiguous)
     for operand in contiguous if vectorized else uses[:1]:     # the largest first
@@ -384,7 +384,7 @@ def _walk_last(sch: s_tir.Schedule, block, walkers: dict, lanes: int | None) -> 
     512 channels). The copy is a layout-rewrite block, which the build splits out and folds into the
     constant (as for MetaSchedule's layouts)."""
     for index, read in enumerate(sch.get(block).reads):
-        order = next((o for b, o in walkers.items() if read.source.same_as(b)), None)
+        order = walkers.get(read.source)
         if order is None or (order == sorted(order) and lanes is None):
             continue
         copy = sch.cache_read(block, index, "global")

@@ -113,7 +113,6 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     tuning task, and the rule's schedule (one parallel, vectorized loop nest) computes the same values."""
     import tvm
     from tvm import relax
-    from ohq_tvm import build
     from ohq_tvm.mqe import _fake_quant
     target = parse_target("llvm")
     x = relax.Var("x", relax.TensorType((1, 28, 28, 16), "float32"))
@@ -134,11 +133,18 @@ def test_injective_kernels_get_the_fixed_rule_not_a_search():
     rng = np.random.default_rng(0)
     args = [rng.standard_normal((1, 28, 28, 16), dtype=np.float32) * 3,
             np.tile(np.array([4.0, 7.0, 15.0, 1.0, 0.25], np.float32), (3, 1))]
-    results = [relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](
-        *[tvm.runtime.tensor(a) for a in args]).numpy() for m in (fused, scheduled)]
+    results = _run((fused, scheduled), target, *args)
     np.testing.assert_array_equal(results[0], results[1])
     q = np.clip(np.round(args[0] * 4.0) + 7.0, 0, 15)
     np.testing.assert_allclose(results[1], (q - 7.0) * 0.25, rtol=0, atol=1e-6)
+
+
+def _run(mods, target, *args) -> list[np.ndarray]:
+    """Each module of `mods` built for `target` and run on the same numpy `args`."""
+    import tvm
+    from ohq_tvm import build
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    return [relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](*tensors).numpy() for m in mods]
 
 
 def _one_op_module(shapes: list[tuple[int, ...]], op, name: str = "x") -> "tvm.IRModule":
@@ -197,7 +203,6 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
     """A reducing kernel no tuning record covers (the distillation's gradient module, a cross-compiled
     target) is tiled by the fixed rule, and computes what TVM's own lowering computes."""
     import tvm
-    from ohq_tvm import build
     rng = np.random.default_rng(0)
     mod = _one_op_module(shapes, op)
     target = parse_target("llvm")
@@ -207,9 +212,7 @@ def test_reductions_without_a_record_get_the_tiling_rule(shapes, op, tiled):
     assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
     script = "\n".join(f.script() for f in kernels)
     assert ('_init")' in script) == tiled, script    # the rule's last step splits off the reduction's init
-    args = [tvm.runtime.tensor(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
-    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](*args).numpy()
-                for m in (fused, scheduled))
+    ref, got = _run((fused, scheduled), target, *[rng.standard_normal(s, dtype=np.float32) for s in shapes])
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -225,7 +228,6 @@ def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_pa
     are split (folded at build), and vectorizes the output channels."""
     groups = x_shape[-1] if w_shape[-1] == 1 else 1
     import tvm
-    from ohq_tvm import build
     rng = np.random.default_rng(0)
     w = relax.const(rng.standard_normal(w_shape, dtype=np.float32))
     mod = _one_op_module([x_shape], lambda x: relax.op.nn.conv2d(
@@ -239,9 +241,7 @@ def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_pa
     lanes = [s[-1] for s in shapes if s in [(kh, kw, i, o)] + [(o // n, kh, kw, i, n) for n in (4, 8, 16)]]
     assert lanes, shapes        # HWIO, or blocked by the vector's lanes: O/lanes x kh x kw x I x lanes
     assert "T.vectorized" in conv.script() and "layout_rewrite_preproc" not in conv.script()
-    x = tvm.runtime.tensor(rng.standard_normal(x_shape, dtype=np.float32))
-    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](x).numpy()
-                for m in (fused, scheduled))
+    ref, got = _run((fused, scheduled), target, rng.standard_normal(x_shape, dtype=np.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -250,7 +250,6 @@ def test_the_rule_is_a_timed_tuning_record_that_replays(tmp_path):
     and `apply` replays it, also on a structurally equal kernel whose blocks are named differently."""
     import tvm
     import tvm.s_tir.meta_schedule as ms
-    from ohq_tvm import build
     rng = np.random.default_rng(0)
     w = relax.const(rng.standard_normal((16, 3, 3, 16), dtype=np.float32))
     target = parse_target("llvm")
@@ -266,11 +265,9 @@ def test_the_rule_is_a_timed_tuning_record_that_replays(tmp_path):
     assert len((path / "database_workload.json").read_text().splitlines()) == 2
     records = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural").get_all_tuning_records()
     assert len(records) == 4 and all(float(r.run_secs[0]) > 0 for r in records)
-    x = tvm.runtime.tensor(rng.standard_normal((1, 14, 14, 16), dtype=np.float32))
     scheduled = tune.apply(second, target, tmp_path)
     assert "T.vectorized" in "\n".join(f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
-    ref, got = (relax.VirtualMachine(build.compile_module(m, target), tvm.cpu())["main"](x).numpy()
-                for m in (second, scheduled))
+    ref, got = _run((second, scheduled), target, rng.standard_normal((1, 14, 14, 16), dtype=np.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
