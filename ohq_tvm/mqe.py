@@ -265,7 +265,9 @@ def _distill_step(model: onnx.ModelProto, stats, shape: tuple[int, ...]):
     mod = relax.transform.Gradient("main_loss", require_grads=mod["main_loss"].params[0])(mod)
     mod = numpy_fold(mod)       # the loss's constant adjoints (FoldConstant compiles each one: 7 s)
     host = parse_target("llvm")     # batch-size gradient kernels: a fixed rule, not a search (no records)
-    vm = relax.VirtualMachine(build.compile_module(tune.ScheduleUntuned(tune.fuse(mod, host)), host), tvm.cpu())
+    with host.tvm:      # the rule sizes its register tiles for the current target
+        scheduled = tune.ScheduleUntuned(tune.fuse(mod, host))
+    vm = relax.VirtualMachine(build.compile_module(scheduled, host), tvm.cpu())
     adjoint = vm["main_loss_adjoint"]
 
     def step(x: np.ndarray) -> tuple[float, np.ndarray]:

@@ -36,6 +36,25 @@ from .target import Target
 _GPU_INTRINSICS = ("cuda", "rocm", "hexagon", "metal")
 
 
+@dataclass(frozen=True)
+class Registers:
+    """The vector register file a tile of accumulators has to fit in."""
+    count: int
+    floats: int     # float32 lanes of one register
+
+    @classmethod
+    def of(cls, target: tvm.target.Target | None) -> "Registers":
+        """AVX-512: 32 x 16 floats, AVX2: 16 x 8, aarch64 NEON: 32 x 4, armv7 NEON and anything else: 16 x 4."""
+        if target is None:
+            return cls(16, 4)
+        has = lambda feature: tvm.target.codegen.target_has_features(feature, target)  # noqa: E731
+        if has("avx512f"):
+            return cls(32, 16)
+        if has("avx2"):
+            return cls(16, 8)
+        return cls(32, 4) if str(target.attrs.get("mtriple", "")).startswith("aarch64") else cls(16, 4)
+
+
 def skip_gpu_intrinsics() -> None:
     """Importing tvm.s_tir.tensor_intrin pulls the GPU intrinsic modules (30-45 s); CPUs need none."""
     for name in _GPU_INTRINSICS:
@@ -167,7 +186,7 @@ def _commit_rule(tasks: list, db: ms.database.Database, target: Target) -> list[
     # the rule schedules the database's copy of the workload: a structurally equal kernel of another model
     # names its blocks differently, and a trace replays by block names
     workloads = [db.commit_workload(t.dispatched[0]) for t in tasks]
-    schedules = [rule(w.mod["main"]) for w in workloads]
+    schedules = [rule(w.mod["main"], registers=Registers.of(target.tvm)) for w in workloads]
     built = _builder().build([ms.builder.BuilderInput(s.mod, target.tvm) for s in schedules])
     args = [ms.arg_info.ArgInfo.from_entry_func(s.mod) for s in schedules]   # weights in the rewritten layout
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
@@ -225,32 +244,77 @@ def _injective(func: tvm.tirx.PrimFunc) -> bool:
 
 
 def schedule_untuned(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> tvm.tirx.PrimFunc:
-    """The fixed rule for a kernel without a tuning record (see `rule`)."""
+    """The fixed rule for a kernel without a tuning record (see `rule`), for the current target."""
     return rule(func, parallel_min).mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def rule(func: tvm.tirx.PrimFunc, parallel_min: int = 4096) -> s_tir.Schedule:
-    """The fixed rule, as a traced schedule: elementwise stages are inlined into their consumers (not into a
-    reduction: a padded input stays one pass rather than a branch per multiply-add), every reduction is tiled
-    by `_tile_reduction`, and every other loop nest becomes parallel rows of one vectorized row
-    (`_vectorize_rows`)."""
+def rule(func: tvm.tirx.PrimFunc, parallel_min: int = 4096, registers: Registers | None = None) -> s_tir.Schedule:
+    """The fixed rule, as a traced schedule: elementwise stages are inlined into their consumers (into a
+    reduction only where `_inlinable`), every reduction is tiled by `_tile_reduction` (which also computes the
+    epilogue in its write-back), and every other loop nest becomes parallel rows of one vectorized row
+    (`_vectorize_rows`). The register tile is sized for `registers` (default: the current target's)."""
+    registers = registers or Registers.of(tvm.target.Target.current(allow_none=True))
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root)[:-1]:
-        if not _reduces(sch, block) and not any(_reduces(sch, c) for c in sch.get_consumers(block)):
+        if _inlinable(sch, block):
             try:
                 sch.compute_inline(block)
             except s_tir.ScheduleError:    # an output of a multi-output kernel
                 pass
     for name in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
+        if name not in [sch.get(b).name_hint for b in sch.get_child_blocks(root)]:
+            continue        # an epilogue `_tile_reduction` computed in its write-back
         trial = sch.copy()
         block = trial.get_sblock(name)
         try:
-            _tile_reduction(trial, block) if _reduces(trial, block) else _vectorize_rows(trial, block, parallel_min)
+            if _reduces(trial, block):
+                _tile_reduction(trial, block, registers)
+            else:
+                _vectorize_rows(trial, block, parallel_min)
             sch = trial
         except (s_tir.ScheduleError, ValueError):     # a nest the rule does not cover: left as lowered
             pass
     return sch
+
+
+def _inlinable(sch: s_tir.Schedule, block) -> bool:
+    """An elementwise stage goes into its consumers, but into a reduction only where that adds no scalar branch
+    per multiply-add: a plain copy (a 1x1 conv's unpadded `pad_temp`), or a stage that passes its last axis
+    through (padding only H and W of NHWC) read by every reduction along its vector axis: a depthwise conv's
+    channels, one bounds check per vector (the padded copy, written and read again, made EfficientNet-Lite0's
+    stride-2 3x3 depthwise conv 2x slower). A dense conv's padded input stays a pass of its own (read one
+    broadcast scalar at a time), and so does a padding or dilation of the last axis (NCHW's W: a branch per
+    lane; the transposed convs of MQE's gradient module 15x slower inlined)."""
+    if _reduces(sch, block):
+        return False
+    consumers = sch.get_consumers(block)
+    if not any(_reduces(sch, c) for c in consumers):
+        return True
+    store = sch.get(block).body
+    if isinstance(store, tvm.tirx.BufferStore) and isinstance(store.value, tvm.ir.expr.TensorLoad) \
+            and all(a.same_as(b) for a, b in zip(store.indices, store.value.indices)):
+        return True
+    return _lane_uniform(store) and all(not _reduces(sch, c) or _reads_along_vector(sch, c, store.buffer)
+                                        for c in consumers)
+
+
+def _lane_uniform(store) -> bool:
+    """Whether the stage, vectorized along its last axis, takes one branch per vector: its value is a load that
+    passes the last index through, bare or under a condition that ignores it (NHWC's H and W padding)."""
+    value, last = store.value, store.indices[-1] if store.indices else None
+    if isinstance(value, tvm.ir.expr.Call) and value.op.name == "prim.if_then_else":
+        if any(v.same_as(last) for v in tvm.tirx.analysis.undefined_vars(value.args[0])):
+            return False
+        value = value.args[1]
+    return last is not None and isinstance(value, tvm.ir.expr.TensorLoad) and value.indices[-1].same_as(last)
+
+
+def _reads_along_vector(sch: s_tir.Schedule, block, buffer) -> bool:
+    """Whether `block` reads `buffer`'s last (contiguous) dimension along its own innermost spatial axis."""
+    stmt = sch.get(block)
+    last = [v.var for v in stmt.iter_vars if int(v.iter_type) == tvm.tirx.IterVar.DataPar][-1]
+    return any(r.source.same_as(buffer) and last in _index_vars(r)[-1] for r in stmt.reads)
 
 
 def _reduces(sch: s_tir.Schedule, block) -> bool:
@@ -289,13 +353,14 @@ def _vectorize_rows(sch: s_tir.Schedule, block, parallel_min: int) -> None:
         sch.parallel(rows)
 
 
-def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
+def _tile_reduction(sch: s_tir.Schedule, block, registers: Registers, block_by: int = 4) -> None:
     """out[s...] += f(in[...], ...) over reduction axes r... (a conv, a transposed conv's gradient, a mean):
     the outer spatial axes run parallel; the innermost one is vectorized when an input's last (contiguous)
     dimension walks it (a constant weight is rewritten so, `_walk_last`); a spatial axis that input does not
-    depend on (a conv's output channels, or its output row for HWIO weights) is split by `block_by` (or a
-    short one taken whole) and unrolled, so every vector loaded feeds that many accumulators; the
-    accumulator tile lives in a local buffer (registers) across the reduction loops."""
+    depend on (an NHWC conv's output columns, an NCHW one's output channels) is blocked and unrolled, so
+    every vector loaded feeds several accumulators. The tile (columns x vectors, `_register_tile`) lives in
+    a stack buffer LLVM keeps in registers across the reduction loops; the write-back applies the epilogue
+    (bias, clamp, residual add) on the way out."""
     stmt = sch.get(block)
     axes = list(stmt.iter_vars)
     loops = sch.get_loops(block)
@@ -315,17 +380,22 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     vectorized = extents[-1] >= 4 and bool(contiguous)
     for operand in contiguous if vectorized else uses[:1]:     # the largest first
         free = [i for i in reversed(range(len(outer) - vectorized)) if not any(axes[i].var in u for u in operand)]
-        blocked, factor = next(((i, f) for i in free if (f := _block_factor(extents[i], block_by))), (None, 1))
+        blocked = next((i for i in free if _block_factor(extents[i], block_by)), None)
         if blocked is not None:
             break
-    if vectorized:      # the accumulator tile: at most 64 floats (8 AVX2 / 4 AVX-512 / 16 NEON registers)
-        lanes = _lanes(extents[-1], most=max(4, 64 // factor))
-        if lanes is not None and lanes < extents[-1]:
+    if vectorized:
+        factor, lanes, unit = _register_tile(extents[blocked] if blocked is not None else 1, extents[-1], registers,
+                                             broadcast=len(contiguous) == 1)
+        if lanes < extents[-1]:
             row, vector = sch.split(outer[-1], [None, lanes])
         else:
             vector = outer[-1]
-        outer, inner = outer[:-1], [vector]
+        outer, inner = outer[:-1], (sch.split(vector, [None, unit]) if unit < lanes else [vector])
         _walk_last(sch, block, walkers, lanes if row is not None else None)
+    elif blocked is not None:
+        factor = _block_factor(extents[blocked], block_by)
+    if factor == 1:
+        blocked = None
     if blocked is not None:
         outer[blocked], block_axis = sch.split(outer[blocked], [None, factor])
         inner = [block_axis, *inner]
@@ -336,14 +406,23 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
     outer = [loop for loop, var in sorted(spatial_loops, key=lambda lv: lv[1] not in walked)]
     sch.reorder(*outer, *reduce, *inner)
     if inner and outer:
-        write_back = sch.cache_write(block, 0, "local")
+        # "global", not "local": TVM keeps a small global buffer on the stack (LLVM promotes it to registers) but
+        # lowers a local one to a TVMBackendAllocWorkspace call per tile (EfficientNet-Lite0's 1x1 convs 7-17%)
+        write_back = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(write_back, outer[-1])
-        for b in (block, write_back):
-            nest = sch.get_loops(b)
+        if vectorized and unit < lanes:     # the write-back's vectors one register each too
+            sch.split(sch.get_loops(write_back)[-1], [None, unit])
+        for b in (block, write_back):     # registers: vectors of one register each, the rest unrolled
+            nest = sch.get_loops(b)[-len(inner):]
+            for loop in nest[:-1] if vectorized else nest:
+                sch.unroll(loop)
             if vectorized:
                 sch.vectorize(nest[-1])
-            if blocked is not None:
-                sch.unroll(nest[-len(inner)])
+        for epilogue in sch.get_consumers(write_back):    # bias, clamp, residual: applied on the way out
+            try:
+                sch.reverse_compute_inline(epilogue)
+            except s_tir.ScheduleError:
+                pass
     if outer and math.prod(extents) >= 64:     # the innermost loop stays out when the others are enough to share:
         shared = outer[:-1] if math.prod(int(sch.get(loop).extent) for loop in outer[:-1]) >= 64 else outer
         sch.parallel(sch.fuse(*shared) if len(shared) > 1 else shared[0])   # fused, it costs a div/mod per access
@@ -353,6 +432,30 @@ def _tile_reduction(sch: s_tir.Schedule, block, block_by: int = 4) -> None:
 def _index_vars(read) -> list[set]:
     """Per dimension of a block's read region: the loop variables its index uses."""
     return [set(tvm.tirx.analysis.undefined_vars(d.min)) for d in read.region]
+
+
+def _register_tile(extent: int, width: int, registers: Registers, broadcast: bool = True) -> tuple[int, int, int]:
+    """The accumulator tile: (columns, lanes, lanes per register). `columns` (a divisor of `extent`, up to 8)
+    outputs share each weight vector; `lanes` (1-4 registers' worth, dividing `width`) output channels share
+    each broadcast input (`broadcast`; a depthwise conv loads an input vector per accumulator instead, so
+    more vectors save no loads: it takes one). The tile must fit the register file (accumulators, weight
+    vectors, one input) and is scored by multiply-adds per load (Zen's FMA and load units keep pace at 1)
+    and by independent accumulators (8 cover the FMA latency). AVX2: 4 x 24 lanes or 7 x 8 (7 x 16 spills an
+    accumulator: 1.3x slower); AVX-512: 7 x 48 or 8 x 48; NEON aarch64: 7 x 12."""
+    unit = next((u for u in (registers.floats, registers.floats // 2, registers.floats // 4)
+                 if u >= 4 and width % u == 0), None)
+    if unit is None:        # short or odd channel counts: one vector of 16, 8 or 4 lanes, or the whole row
+        lanes = _lanes(width) or width
+        return (_block_factor(extent, 4) or 1) if extent > 1 else 1, lanes, lanes
+    def score(tile: tuple[int, int]) -> tuple:
+        columns, vectors = tile
+        accumulators = columns * vectors
+        loads = (columns if broadcast else accumulators) + vectors
+        return min(1.0, accumulators / loads) * min(1.0, accumulators / 8), accumulators, columns
+    tiles = [(c, v) for c in range(1, 9) if extent % c == 0 for v in (range(1, 5) if broadcast else [1])
+             if width % (v * unit) == 0 and c * v + v + 1 <= registers.count]
+    columns, vectors = max(tiles, key=score)
+    return columns, vectors * unit, unit
 
 
 def _block_factor(extent: int, block_by: int) -> int | None:

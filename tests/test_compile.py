@@ -238,9 +238,73 @@ def test_nhwc_conv_without_a_record_reads_its_weight_output_channels_last(tmp_pa
     [conv] = [f for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in f.script()]
     o, kh, kw, i = w_shape
     shapes = [tuple(int(d) for d in p.shape) for p in conv.params]
-    lanes = [s[-1] for s in shapes if s in [(kh, kw, i, o)] + [(o // n, kh, kw, i, n) for n in (4, 8, 16)]]
+    lanes = [s[-1] for s in shapes if s == (kh, kw, i, o) or (len(s) == 5 and s == (o // s[-1], kh, kw, i, s[-1]))]
     assert lanes, shapes        # HWIO, or blocked by the vector's lanes: O/lanes x kh x kw x I x lanes
     assert "T.vectorized" in conv.script() and "layout_rewrite_preproc" not in conv.script()
+    ref, got = _run((fused, scheduled), target, rng.standard_normal(x_shape, dtype=np.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("registers, extent, width, broadcast, tile", [
+    ((16, 8), 7, 1152, True, (7, 8)),       # AVX2, a 7x7 1x1 conv: 7 x 16 would spill an accumulator
+    ((16, 8), 56, 24, True, (4, 24)),       # 3 registers of output channels share each broadcast input
+    ((16, 8), 56, 144, False, (8, 8)),      # depthwise: an input vector per accumulator, one weight vector
+    ((32, 16), 7, 1152, True, (7, 48)),     # AVX-512
+    ((32, 4), 14, 672, True, (7, 12)),      # NEON aarch64
+    ((16, 8), 7, 10, True, (7, 10)),        # 10 channels: one whole-row vector
+])
+def test_register_tile_fits_the_target_register_file(registers, extent, width, broadcast, tile):
+    """The accumulator tile is sized for the target's vector registers: accumulators, the weight vectors and
+    one input fit, and it is the tile that loads least per multiply-add."""
+    columns, lanes, unit = tune._register_tile(extent, width, tune.Registers(*registers), broadcast)
+    assert (columns, lanes) == tile
+    assert extent % columns == 0 and width % lanes == 0 and lanes % unit == 0
+    if unit == registers[1]:
+        assert columns * (lanes // unit) + lanes // unit + 1 <= registers[0]
+
+
+def test_registers_follow_the_target():
+    import tvm
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert tune.Registers.of(avx512) == tune.Registers(32, 16)
+    assert tune.Registers.of(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})) == tune.Registers(16, 8)
+    assert tune.Registers.of(parse_target("aarch64").tvm) == tune.Registers(32, 4)
+    assert tune.Registers.of(parse_target("armv7").tvm) == tune.Registers(16, 4)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, padding, pad_inlined", [
+    ((1, 56, 56, 16), (96, 1, 1, 16), 0, True),       # 1x1: the unpadded copy is inlined
+    ((1, 28, 28, 48), (48, 3, 3, 1), 1, True),        # depthwise: read as channel vectors, one check per vector
+    ((1, 28, 28, 16), (32, 3, 3, 16), 1, False),      # dense 3x3: read one broadcast scalar at a time
+])
+def test_rule_computes_the_epilogue_in_the_tile_and_inlines_padding_only_where_lanes_agree(
+        x_shape, w_shape, padding, pad_inlined):
+    """A conv + bias + ReLU6 kernel (EfficientNet-Lite0's): the epilogue is applied as the accumulator tile is
+    written back (no full-size intermediate pass), the tile stays on the stack (no workspace allocation in
+    the parallel loop), a padding stage is inlined only where every lane of a vector takes the same branch; values as
+    TVM's own lowering."""
+    import tvm
+    from tvm import s_tir
+    rng = np.random.default_rng(0)
+    w = relax.const(rng.standard_normal(w_shape, dtype=np.float32))
+    b = relax.const(rng.standard_normal((1, 1, 1, w_shape[0]), dtype=np.float32))
+    groups = x_shape[-1] if w_shape[-1] == 1 else 1
+    mod = _one_op_module([x_shape], lambda x: relax.op.clip(relax.op.add(relax.op.nn.conv2d(
+        x, w, 1, padding, groups=groups, data_layout="NHWC", kernel_layout="OHWI"), b), 0, 6))
+    target = parse_target("llvm")
+    fused = tune.fuse(mod, target)
+    [func] = [f for f in fused.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "conv2d" in f.script()]
+    with target.tvm:
+        kernel = tune.schedule_untuned(func)
+    blocks = [line.split('"')[1] for line in kernel.script().splitlines() if "T.sblock(" in line]
+    assert not any(name.startswith("T_") for name in blocks), blocks       # bias and clamp in the write-back
+    assert ("pad_temp" not in blocks) == pad_inlined, blocks
+    lib = tvm.tirx.build(s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})), target=target.tvm)
+    bodies = [f.split("\n}\n")[0] for f in lib.inspect_source("ll").split("\ndefine ")[1:]]
+    tiles = [f for f in bodies if "parallel_lambda" in f.split("(")[0]]
+    assert tiles and not any("AllocWorkspace" in f for f in tiles)      # per tile: a "local" buffer did that
+    scheduled = tune.ScheduleUntuned(fused)
     ref, got = _run((fused, scheduled), target, rng.standard_normal(x_shape, dtype=np.float32))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
