@@ -11,7 +11,10 @@ so the vectorized output channels are contiguous and blocked by the vector lanes
 accumulators, the largest operand walked once. It is timed as the first candidate of every task tuned and
 committed as a record, so `apply` takes the better of it and the search; a kernel without a record (MQE's
 gradient module, ``--tune-trials 0``, a cross-compiled target) gets it directly (untuned ResNet-18 FP32:
-0.7x the latency of 16 MetaSchedule trials per kernel, EfficientNet-Lite0 on par).
+0.7x the latency of 16 MetaSchedule trials per kernel, EfficientNet-Lite0 on par). Every timing is one call
+with cold weights (`_runner`), as inside a model: the search's record of EfficientNet-Lite0's 7x7 1x1
+expansion conv timed 182 us warm, 790 us cold, and took 800 us a call in the model (the rule: 480), so warm
+records kept it over the rule.
 """
 from __future__ import annotations
 
@@ -176,29 +179,71 @@ def _builder() -> ms.builder.Builder:
 
 
 def _runner() -> ms.runner.Runner:
+    # one call per timing, the cache flushed of every argument but the input first: inside a model the other
+    # layers evict a kernel's weights, and a warm loop hides a schedule that re-reads a big weight
+    # (ResNet-18's conv2d9 record: 4.0 ms warm, 11.7 ms in the model)
     return ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-        number=3, repeat=1, min_repeat_ms=20, enable_cpu_cache_flush=False))
+        number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True))
+
+
+def _time(schedules: list[s_tir.Schedule], args: list, target: Target) -> list:
+    """Build and time each schedule the way the search times its candidates: its run seconds, or None if it
+    failed to build or run."""
+    built = _builder().build([ms.builder.BuilderInput(s.mod, target.tvm) for s in schedules])
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    runs = _runner().run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
+    seconds: list = [None] * len(schedules)
+    for i, run in zip(ok, runs):
+        result = run.result()
+        if result.error_msg is None:
+            seconds[i] = [float(s) for s in result.run_secs]
+    return seconds
 
 
 def _commit_rule(tasks: list, db: ms.database.Database, target: Target) -> list[tuple]:
-    """Build and time the rule's schedule of each task the way the search times its candidates, and commit
-    it as a tuning record (its trace replays like any other). Returns (task, its mean seconds) pairs."""
+    """Time the rule's schedule of each task and commit it as a tuning record (its trace replays like any
+    other). Returns (task, its mean seconds) pairs."""
     # the rule schedules the database's copy of the workload: a structurally equal kernel of another model
     # names its blocks differently, and a trace replays by block names
     workloads = [db.commit_workload(t.dispatched[0]) for t in tasks]
     schedules = [rule(w.mod["main"], registers=Registers.of(target.tvm)) for w in workloads]
-    built = _builder().build([ms.builder.BuilderInput(s.mod, target.tvm) for s in schedules])
     args = [ms.arg_info.ArgInfo.from_entry_func(s.mod) for s in schedules]   # weights in the rewritten layout
-    ok = [i for i, b in enumerate(built) if b.error_msg is None]
-    runs = _runner().run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
-    seconds = []
-    for i, run in zip(ok, runs):
-        result = run.result()
-        if result.error_msg is None:
-            db.commit_tuning_record(ms.database.TuningRecord(
-                schedules[i].trace, workloads[i], result.run_secs, target.tvm, args[i]))
-            seconds.append((tasks[i], _mean(result.run_secs)))
-    return seconds
+    timed = []
+    for task, workload, schedule, arg, run_secs in zip(tasks, workloads, schedules, args, _time(schedules, args, target)):
+        if run_secs is not None:
+            db.commit_tuning_record(ms.database.TuningRecord(schedule.trace, workload, run_secs, target.tvm, arg))
+            timed.append((task, _mean(run_secs)))
+    return timed
+
+
+def retime(work_dir: Path, target: Target, chunk: int = 32) -> tuple[int, int]:
+    """Time every record of the database again with `_runner` and rewrite its seconds in place (a database
+    timed by another runner is not comparable with new records). A record that no longer builds or runs is
+    dropped. Returns (re-timed, dropped)."""
+    from rich.progress import Progress
+    path = database_dir(work_dir, target)
+    _database(work_dir, target)     # checks both files
+    workloads = [ms.database.Workload.from_json(json.loads(line))
+                 for line in (path / "database_workload.json").read_text().splitlines()]
+    records_file = path / "database_tuning_record.json"
+    rows = [json.loads(line) for line in records_file.read_text().splitlines()]
+    kept = []
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("re-timing records", total=len(rows))
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            candidates = [ms.database.TuningRecord.from_json(row[1], workloads[row[0]]).as_measure_candidate()
+                          for row in part]
+            seconds = _time([c.sch for c in candidates], [c.args_info for c in candidates], target)
+            for row, run_secs in zip(part, seconds):
+                if run_secs is not None:
+                    row[1][1] = run_secs
+                    kept.append(row)
+            progress.advance(bar, len(part))
+    tmp = records_file.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept))
+    os.replace(tmp, records_file)
+    return len(kept), len(rows) - len(kept)
 
 
 def _heaviest(tasks: list, db: ms.database.Database, count: int) -> list:
@@ -215,13 +260,17 @@ def _mean(run_secs) -> float:
 
 
 def prune(path: Path, keep: int = 2) -> None:
-    """Keep the `keep` fastest records of each workload (the database holds every trial, ~14 KB each)."""
+    """Keep the `keep` fastest records of each workload (the database holds every trial, ~14 KB each), one
+    per schedule (the rule timed again is the same trace)."""
     records_file = Path(path) / "database_tuning_record.json"
-    by_workload: dict[int, list[tuple[float, str]]] = {}
+    by_workload: dict[int, dict[str, tuple[float, str]]] = {}
     for line in records_file.read_text().splitlines():
-        workload, (_, run_secs, *_rest) = json.loads(line)
-        by_workload.setdefault(workload, []).append((_mean(run_secs), line))
-    kept = [line for rows in by_workload.values() for _, line in sorted(rows, key=lambda r: r[0])[:keep]]
+        workload, (trace, run_secs, *_rest) = json.loads(line)
+        seen = by_workload.setdefault(workload, {})
+        key = json.dumps(trace)
+        if key not in seen or _mean(run_secs) < seen[key][0]:
+            seen[key] = (_mean(run_secs), line)
+    kept = [line for rows in by_workload.values() for _, line in sorted(rows.values(), key=lambda r: r[0])[:keep]]
     tmp = records_file.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, records_file)
@@ -581,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rule", action="store_true",
                         help="also time the fixed rule on the kernels that have records, and keep it where it is faster")
     parser.add_argument("--mqe", action="store_true", help="tune MQE's masked simulation of the model instead")
+    parser.add_argument("--retime", action="store_true",
+                        help="first time every record of the database again (records of an older runner)")
     args = parser.parse_args(argv)
     quiet_tvm_logs()
     target = parse_target(args.target, args.threads)
@@ -592,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         from .layers import find_layers
         from .mqe import masked_module
         mod = masked_module(mod, find_layers(mod)).mod
+    if args.retime:
+        timed, dropped = retime(args.work_dir, target)
+        print(f"{timed} records re-timed, {dropped} dropped (no longer build or run)")
     stats = tune(fuse(mod, target), target, args.work_dir, args.trials, top_up=args.top_up, rule_everywhere=args.rule)
     print(f"{stats.tasks} kernels, {stats.tuned} tuned ({stats.trials} trials), the fixed rule fastest on "
           f"{stats.rule_best}; records in {database_dir(args.work_dir, target)}")

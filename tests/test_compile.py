@@ -1,4 +1,5 @@
 """End to end: ONNX -> scheduled .so, outputs equal onnxruntime's; user errors are one line, exit 2."""
+import json
 import numpy as np
 import pytest
 
@@ -324,11 +325,19 @@ def test_the_rule_is_a_timed_tuning_record_that_replays(tmp_path):
     first, second = (tune.fuse(_one_op_module([(1, 14, 14, 16)], conv_mean, name), target) for name in "xy")
     stats = tune.tune(first, target, tmp_path, trials_per_task=0, rule_everywhere=True)
     assert (stats.tasks, stats.tuned, stats.untuned, stats.rule_best) == (2, 0, 0, 2)     # the only records
-    tune.tune(second, target, tmp_path, trials_per_task=0, rule_everywhere=True)    # timed again: 2 records each
+    tune.tune(second, target, tmp_path, trials_per_task=0, rule_everywhere=True)    # timed again: the same trace
     path = tune.database_dir(tmp_path, target)
     assert len((path / "database_workload.json").read_text().splitlines()) == 2
     records = ms.database.JSONDatabase(work_dir=str(path), module_equality="structural").get_all_tuning_records()
-    assert len(records) == 4 and all(float(r.run_secs[0]) > 0 for r in records)
+    assert len(records) == 2 and all(len(r.run_secs) == 5 and float(r.run_secs[0]) > 0 for r in records)
+    # records of another runner are timed again in place
+    records_file = path / "database_tuning_record.json"
+    rows = [json.loads(line) for line in records_file.read_text().splitlines()]
+    records_file.write_text("".join(json.dumps([w, [trace, [9.0], *rest]]) + "\n" for w, (trace, _, *rest) in rows))
+    assert tune.retime(tmp_path, target) == (2, 0)
+    again = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert [(w, trace) for w, (trace, *_) in again] == [(w, trace) for w, (trace, *_) in rows]
+    assert all(len(secs) == 5 and 0 < max(secs) < 0.1 for _, (_, secs, *_) in again)
     scheduled = tune.apply(second, target, tmp_path)
     assert "T.vectorized" in "\n".join(f.script() for f in scheduled.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
     ref, got = _run((second, scheduled), target, rng.standard_normal((1, 14, 14, 16), dtype=np.float32))
