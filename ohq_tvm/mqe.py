@@ -84,12 +84,18 @@ class Sensitivity:
         return cls(d["method"], d["scores"], Calibration(ranges, d["source"]), d["seconds"], d.get("stages", {}))
 
 
+def _model_hash(model: str | Path, params: tuple):
+    """sha256 of a model's bytes and the parameters a cached result of it depends on."""
+    import hashlib
+    h = hashlib.sha256(Path(model).read_bytes())
+    h.update(repr(params).encode())
+    return h
+
+
 def cache_key(model: str | Path, configs: list[Config], method: str, samples: int, seed: int,
               calibration_data: str | Path | None, reduce_range: bool) -> str:
     """Everything a Sensitivity depends on: the model's bytes, the candidates, the estimator and its inputs."""
-    import hashlib
-    h = hashlib.sha256(Path(model).read_bytes())
-    h.update(repr((sorted(c.name for c in configs), method, samples, seed, reduce_range, CLIP_PERCENTILE)).encode())
+    h = _model_hash(model, (sorted(c.name for c in configs), method, samples, seed, reduce_range, CLIP_PERCENTILE))
     if REVISION > 1:      # revision-1 caches (from before the field) keep their keys
         h.update(f"revision {REVISION}".encode())
     if calibration_data is not None:
@@ -178,9 +184,7 @@ def distill(model_path: str | Path, shape: tuple[int, ...], samples: int, seed: 
     """ZeroQ: inputs whose per-channel batch statistics at every BN input match the BN's running ones.
     `cache_dir` keeps them (minutes for large models), keyed by the model's bytes and the arguments."""
     if cache_dir is not None:
-        import hashlib
-        h = hashlib.sha256(Path(model_path).read_bytes())
-        h.update(repr((tuple(shape[1:]), samples, seed, steps, lr, REVISION)).encode())
+        h = _model_hash(model_path, (tuple(shape[1:]), samples, seed, steps, lr, REVISION))
         cached = Path(cache_dir) / f"distilled-{h.hexdigest()[:20]}.npy"
         if cached.is_file():
             return np.load(cached)
