@@ -11,7 +11,8 @@ Every measurement is appended to a JSON-lines log (flush + fsync) under
 knobs: a killed run resumes without measuring anything twice. A layer's candidates are compared
 only with figures of one run: when their records come from different runs (a resumed run, a
 template revision re-measured on another day), the best setting of each is timed again side by
-side, and those figures are logged and used.
+side, and those figures are logged and used. Each measuring run first compacts the log to the
+records a lookup still reaches (`TuningLog.compact`).
 """
 from __future__ import annotations
 
@@ -103,6 +104,33 @@ class TuningLog:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
+
+    def compact(self) -> int:
+        """Drop the lines no lookup reaches: a search's timings once it has a final record, and every final
+        record but the last of its workload, candidate and template revision (FP32: and schedule). Each
+        changed FP32 schedule times a layer's candidates again, side by side (after a few sessions: 4671
+        lines, 796 of them live). Corrupt lines and other TVM versions' records are kept as they are.
+        Returns how many lines were dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for line in lines:
+            try:
+                rows.append(Record(**json.loads(line)))
+            except (ValueError, TypeError):
+                rows.append(None)
+        key = lambda r: (r.tvm, r.target, r.workload, r.config, r.revision,  # noqa: E731
+                         tuple(r.knobs or ()) if r.config == "FP32" else None)
+        last_final = {key(r): i for i, r in enumerate(rows) if r is not None and r.final}
+        searched = {k[:5] for k in last_final}
+        kept = [line for i, (line, r) in enumerate(zip(lines, rows))
+                if r is None or (last_final.get(key(r)) == i if r.final else key(r)[:5] not in searched)]
+        if len(kept) < len(lines):
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
 
 
 @dataclass
@@ -349,8 +377,10 @@ def time_module(lib: tvm.runtime.Module, args: list, min_repeat_ms: int = 50, re
 def measure_model(layers: list[Layer], fp32_kernels: list[tvm.tirx.PrimFunc] | None, configs: list[Config],
                   measurer: Measurer, log: TuningLog, progress: Callable[[str], None] = lambda _: None
                   ) -> Measurement:
-    """Every layer x candidate; identical workloads are measured once, their candidates in one run."""
+    """Every layer x candidate; identical workloads are measured once, their candidates in one run. The log
+    is compacted first (what earlier runs superseded)."""
     t0 = time.perf_counter()
+    log.compact()
     by_workload: dict[str, LayerTiming] = {}
     timings = []
     for index, layer in enumerate(layers):

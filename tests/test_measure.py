@@ -9,11 +9,12 @@ import time
 from collections import Counter
 
 import pytest
+import tvm
 
 from conftest import FMNIST, ROOT, copy_logs, run_cli
 from ohq_tvm import kernels
 from ohq_tvm.layers import Layer
-from ohq_tvm.measure import Measurer, TuningLog, candidates_for_bits, search, side_by_side
+from ohq_tvm.measure import Measurer, Record, TuningLog, candidates_for_bits, search, side_by_side
 from ohq_tvm.target import parse_target
 
 TARGET = parse_target("llvm")
@@ -183,3 +184,25 @@ def test_measure_cli_errors(args, message):
     result = run_cli("measure", FMNIST, *args)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_compacting_the_log_keeps_every_record_a_lookup_reaches(tmp_path):
+    path = tmp_path / "oqa.jsonl"
+    log = TuningLog(path, TARGET)
+
+    def rec(config, knobs, ms, final=False, revision=1, run="a"):
+        return Record(tvm=tvm.__version__, target=TARGET.key, workload="w", config=config, knobs=knobs, ms=ms,
+                      final=final, revision=revision, run=run)
+    rows = [rec("W8A8", [1, 4], 2.0), rec("W8A8", [2, 4], 1.5), rec("W8A8", [2, 4], 1.5, True),  # a search
+            rec("W8A8", [2, 4], 1.4, True, run="b"),        # its best timed again side by side: the one looked up
+            rec("W4A8", [1, 4], 1.0),                       # a search cut short: resumable
+            rec("W8A8", [1, 4], 3.0, True, revision=2),     # a newer template's
+            rec("FP32", [11], 5.0, True), rec("FP32", [12], 4.0, True), rec("FP32", [11], 4.5, True, run="b")]
+    for r in rows:
+        log.append(r)
+    with open(path, "a") as f:
+        f.write("not a record\n")
+    assert log.compact() == 4 and log.compact() == 0
+    assert path.read_text().splitlines()[-1] == "not a record"
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert TuningLog(path, TARGET).records == [rows[i] for i in (3, 4, 5, 7, 8)]
