@@ -10,8 +10,8 @@ Every measurement is appended to a JSON-lines log (flush + fsync) under
 ``<work dir>/<target key>/oqa.jsonl``, keyed by TVM version, target, workload, candidate and
 knobs: a killed run resumes without measuring anything twice. A layer's candidates are compared
 only with figures of one run: when their records come from different runs (a resumed run, a
-template revision re-measured on another day), the best setting of each is timed again side by
-side, and those figures are logged and used. Each measuring run first compacts the log to the
+template revision re-measured on another day), the latest run that timed them all is used, else the
+best setting of each is timed again side by side, and those figures are logged and used. Each measuring run first compacts the log to the
 records a lookup still reaches (`TuningLog.compact`).
 """
 from __future__ import annotations
@@ -107,10 +107,9 @@ class TuningLog:
 
     def compact(self) -> int:
         """Drop the lines no lookup reaches: a search's timings once it has a final record, and every final
-        record but the last of its workload, candidate and template revision (FP32: and schedule). Each
-        changed FP32 schedule times a layer's candidates again, side by side (after a few sessions: 4671
-        lines, 796 of them live). Corrupt lines and other TVM versions' records are kept as they are.
-        Returns how many lines were dropped."""
+        record but the last of its workload, candidate, template revision and run (FP32: and schedule; a run's
+        finals are what `side_by_side` compares). Corrupt lines and other TVM versions' records are kept as
+        they are. Returns how many lines were dropped."""
         if not self.path.exists():
             return 0
         lines = self.path.read_text().splitlines()
@@ -121,7 +120,7 @@ class TuningLog:
             except (ValueError, TypeError):
                 rows.append(None)
         key = lambda r: (r.tvm, r.target, r.workload, r.config, r.revision,  # noqa: E731
-                         tuple(r.knobs or ()) if r.config == "FP32" else None)
+                         tuple(r.knobs or ()) if r.config == "FP32" else None, r.run)
         last_final = {key(r): i for i, r in enumerate(rows) if r is not None and r.final}
         searched = {k[:5] for k in last_final}
         kept = [line for i, (line, r) in enumerate(zip(lines, rows))
@@ -325,8 +324,9 @@ def _kernel(layer: Layer, config: Config, knobs: Knobs, target: Target) -> tvm.t
 
 def side_by_side(layer: Layer, records: dict[str, Record], fp32: tvm.tirx.PrimFunc | None, measurer: Measurer,
                  log: TuningLog) -> dict[str, Record]:
-    """`records` (candidate -> final record of one workload) timed again in one run, interleaved: each
-    candidate's best setting built once, all timed twice in turn, the lower figure logged as a new final.
+    """`records` (candidate -> final record of one workload) from one run: the latest run that timed them all
+    (`_one_run`), else timed again, interleaved: each candidate's best setting built once, all timed twice in
+    turn, the lower figure logged as a new final.
 
     Records of different runs are not comparable: one session's W8A8 records were 15-27% slower than the same
     kernels timed next to the low-bit ones a day later, and every mix's predicted gain over INT8 was inflated.
@@ -336,6 +336,9 @@ def side_by_side(layer: Layer, records: dict[str, Record], fp32: tvm.tirx.PrimFu
     runs = {r.run for r in redo.values()}
     if len(runs) <= 1 and None not in runs:
         return records
+    earlier = _one_run(redo, log)
+    if earlier is not None:
+        return {**records, **earlier}
     funcs = [fp32 if name == "FP32" else _kernel(layer, CANDIDATES[name], Knobs(*r.knobs), measurer.target)
              for name, r in redo.items()]
     again = dict(records)
@@ -344,6 +347,20 @@ def side_by_side(layer: Layer, records: dict[str, Record], fp32: tvm.tirx.PrimFu
                                       error=None if ms_ is not None else "failed when timed again")
         log.append(again[name])
     return again
+
+
+def _one_run(records: dict[str, Record], log: TuningLog) -> dict[str, Record] | None:
+    """The finals of the latest run that timed every candidate of `records` (same template revision; FP32:
+    same schedule), if any: two models whose FP32 kernels of one workload differ (a residual add's operands
+    swapped) would otherwise time its candidates again each time the other model is measured."""
+    by_run = [{r.run: r for r in log.lookup(record.workload, name, record.revision)
+               if r.final and r.ms is not None and r.run is not None and (name != "FP32" or r.knobs == record.knobs)}
+              for name, record in records.items()]
+    common = set.intersection(*(set(runs) for runs in by_run))
+    if not common:
+        return None
+    latest = max(common)        # run ids start with their time, YYYYmmddTHHMMSS
+    return {name: runs[latest] for name, runs in zip(records, by_run)}
 
 
 # ---------------------------------------------------------------------------------------------

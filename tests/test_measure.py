@@ -194,7 +194,8 @@ def test_compacting_the_log_keeps_every_record_a_lookup_reaches(tmp_path):
         return Record(tvm=tvm.__version__, target=TARGET.key, workload="w", config=config, knobs=knobs, ms=ms,
                       final=final, revision=revision, run=run)
     rows = [rec("W8A8", [1, 4], 2.0), rec("W8A8", [2, 4], 1.5), rec("W8A8", [2, 4], 1.5, True),  # a search
-            rec("W8A8", [2, 4], 1.4, True, run="b"),        # its best timed again side by side: the one looked up
+            rec("W8A8", [2, 4], 1.6, True),                 # its best timed again in the same run: superseded
+            rec("W8A8", [2, 4], 1.4, True, run="b"),        # ... in another run, side by side: the one looked up
             rec("W4A8", [1, 4], 1.0),                       # a search cut short: resumable
             rec("W8A8", [1, 4], 3.0, True, revision=2),     # a newer template's
             rec("FP32", [11], 5.0, True), rec("FP32", [12], 4.0, True), rec("FP32", [11], 4.5, True, run="b")]
@@ -202,7 +203,26 @@ def test_compacting_the_log_keeps_every_record_a_lookup_reaches(tmp_path):
         log.append(r)
     with open(path, "a") as f:
         f.write("not a record\n")
-    assert log.compact() == 4 and log.compact() == 0
+    assert log.compact() == 3 and log.compact() == 0
     assert path.read_text().splitlines()[-1] == "not a record"
     with pytest.warns(UserWarning, match="corrupt"):
-        assert TuningLog(path, TARGET).records == [rows[i] for i in (3, 4, 5, 7, 8)]
+        kept = TuningLog(path, TARGET)
+    assert kept.records == [rows[i] for i in (3, 4, 5, 6, 7, 8, 9)]
+
+
+def test_a_run_that_timed_every_candidate_is_reused_not_timed_again(tmp_path, measurers):
+    """Two models share a workload but their FP32 kernels differ (a residual add's operands swapped): each
+    schedule's run of side-by-side timings is found again instead of timing the candidates once more."""
+    log = TuningLog(tmp_path / "oqa.jsonl", TARGET)
+
+    def rec(config, knobs, ms, run):
+        return Record(tvm=tvm.__version__, target=TARGET.key, workload="w", config=config, knobs=knobs, ms=ms,
+                      final=True, revision=kernels.revision(LAYER, kernels.parse_config(config))
+                      if config != "FP32" else 1, run=run)
+    for r in (rec("FP32", [11], 5.0, "20261124T100000-1"), rec("W8A8", [2, 4], 1.5, "20261124T100000-1"),
+              rec("FP32", [12], 4.0, "20261124T110000-2"), rec("W8A8", [2, 4], 1.4, "20261124T110000-2")):
+        log.append(r)
+    first_model = {"FP32": log.records[0], "W8A8": log.records[3]}     # its FP32 record, the last W8A8 one
+    measurer = measurers(TARGET)
+    again = side_by_side(LAYER, first_model, "an FP32 kernel, never built here", measurer, log)
+    assert again == {"FP32": log.records[0], "W8A8": log.records[1]} and measurer.builds == 0
