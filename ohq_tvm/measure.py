@@ -11,8 +11,8 @@ Every measurement is appended to a JSON-lines log (flush + fsync) under
 knobs: a killed run resumes without measuring anything twice. A layer's candidates are compared
 only with figures of one run: when their records come from different runs (a resumed run, a
 template revision re-measured on another day), the latest run that timed them all is used, else the
-best setting of each is timed again side by side, and those figures are logged and used. Each measuring run first compacts the log to the
-records a lookup still reaches (`TuningLog.compact`).
+best setting of each is timed again side by side, and those figures are logged and used. Each
+measuring run first compacts the log to the records a lookup still reaches (`TuningLog.compact`).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from . import kernels
 from .kernels import CANDIDATES, Config, Knobs
 from .layers import Layer
 from .target import Target
+from .build import atomic_write
 from .errors import OhqError
 from .tune import skip_gpu_intrinsics
 
@@ -126,9 +127,7 @@ class TuningLog:
         kept = [line for i, (line, r) in enumerate(zip(lines, rows))
                 if r is None or (last_final.get(key(r)) == i if r.final else key(r)[:5] not in searched)]
         if len(kept) < len(lines):
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
         return len(lines) - len(kept)
 
 

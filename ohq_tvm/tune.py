@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import types
@@ -32,6 +31,7 @@ import tvm.s_tir as s_tir
 from tvm import relax
 import tvm.s_tir.meta_schedule as ms
 
+from .build import atomic_write
 from .errors import OhqError, last_line
 from .layers import copy_module
 from .target import Target
@@ -240,9 +240,8 @@ def retime(work_dir: Path, target: Target, chunk: int = 32) -> tuple[int, int]:
                     row[1][1] = run_secs
                     kept.append(row)
             progress.advance(bar, len(part))
-    tmp = records_file.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept))
-    os.replace(tmp, records_file)
+    text = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in kept)
+    atomic_write(records_file, lambda tmp: Path(tmp).write_text(text))
     return len(kept), len(rows) - len(kept)
 
 
@@ -271,9 +270,7 @@ def prune(path: Path, keep: int = 2) -> None:
         if key not in seen or _mean(run_secs) < seen[key][0]:
             seen[key] = (_mean(run_secs), line)
     kept = [line for rows in by_workload.values() for _, line in sorted(rows.values(), key=lambda r: r[0])[:keep]]
-    tmp = records_file.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, records_file)
+    atomic_write(records_file, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
 def _tasks(fused: tvm.IRModule, target: Target) -> list:
