@@ -137,13 +137,13 @@ def crops_ranking(sim, layers, x: np.ndarray, reduce_range: bool, config: str = 
     """Each layer alone at `config`: KL on `x` (ranges from `x`) against the KL on 60 photo crops."""
     crops = data.photo_crops(200, "eval")[:60]
     ref_x, inputs = sim.run(x)
-    ranges = mqe.ranges_of(layers, inputs)
+    calibration = mqe.Calibration(mqe.ranges_of(layers, inputs), "given", mqe.means_of(layers, inputs))
     ref_c = sim.run(crops)[0]
     cfg = kernels.parse_config(config)
     est, real = [], []
     for layer in layers:
         if cfg in mqe.available(layer, [cfg]):
-            mask = mqe.quantization_mask(sim, layers, {layer.id: cfg}, ranges, reduce_range)
+            mask = mqe.quantization_mask(sim, layers, {layer.id: cfg}, calibration, reduce_range)
             est.append(float(kl_divergence(ref_x, sim.logits(x, *mask)).mean()))
             real.append(float(kl_divergence(ref_c, sim.logits(crops, *mask)).mean()))
     ratio = np.log(np.array(est) / np.array(real))

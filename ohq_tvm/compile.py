@@ -193,14 +193,14 @@ class Flow:
             with self.console.status("MQE: building the whole-model check"):
                 sim = mqe.Simulation(self.imported, self.layers, self.host, self.work_dir,
                                      min(o.tune_trials, SIMULATION_TRIALS))
-        return mqe.MixLoss(sim, self.layers, sens.calibration.ranges, x, kernels.isa_of(self.host.tvm).reduce_range)
+        return mqe.MixLoss(sim, self.layers, sens.calibration, x, kernels.isa_of(self.host.tvm).reduce_range)
 
     @property
     def host(self) -> Target:
         """Where MQE's simulation runs: this CPU (the target itself when it is this CPU)."""
         return self.target if self.target.native else parse_target("llvm", self.target.threads)
 
-    def plan(self, config: dict[str, str], timings: dict, ranges: dict) -> dict[str, LayerPlan]:
+    def plan(self, config: dict[str, str], timings: dict, calibration: mqe.Calibration) -> dict[str, LayerPlan]:
         isa = kernels.isa_of(self.target.tvm)
         plans = {}
         for layer in self.layers:
@@ -212,7 +212,8 @@ class Flow:
                 raise OhqError(f"{layer.id} ({layer.kind}) has no {name} kernel")
             knobs = (timings.get(layer.id, {}).get(name) or {}).get("knobs")
             knobs = kernels.Knobs(*knobs) if knobs else kernels.knob_space(layer, cand, isa)[0]
-            plans[layer.id] = LayerPlan(cand, knobs, tuple(ranges[layer.id]))
+            plans[layer.id] = LayerPlan(cand, knobs, tuple(calibration.ranges[layer.id]),
+                                        calibration.means.get(layer.id))
         return plans
 
     def build(self, plans: dict[str, LayerPlan], rest: bool = False) -> tuple[object, list[dict], object | None]:
@@ -304,7 +305,6 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
             timings = flow.measure(configs, fp32_scheduled)
     with _stage(stages, "mqe"):
         sens = flow.estimate(configs)
-    ranges = sens.calibration.ranges
     table = _options_table(timings, sens.scores, flow.layers) if timings else {}
 
     fp32_ms = uniform_ms = None
@@ -313,7 +313,7 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
     if options.baselines and target.native:
         with _stage(stages, "baselines"):
             fp32_exe = build.compile_module(fp32_scheduled, target)
-            int8_exe, int8_records, rest_exe = flow.build(flow.plan(int8, timings, ranges), rest=True)
+            int8_exe, int8_records, rest_exe = flow.build(flow.plan(int8, timings, sens.calibration), rest=True)
             fp32_ms, uniform_ms, rest_ms = flow.time(fp32_exe, int8_exe, rest_exe)
     layer_ms = lambda choice: sum(table[lid][name]["ms"] for lid, name in choice.items()   # noqa: E731
                                   if name in table.get(lid, {}))
@@ -353,7 +353,7 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         if options.baselines and target.native and choice == int8:
             executable, records = int8_exe, int8_records
         else:
-            executable, records, _ = flow.build(flow.plan(choice, timings, ranges))
+            executable, records, _ = flow.build(flow.plan(choice, timings, sens.calibration))
     with _stage(stages, "time"):
         measured = None
         if options.baselines and target.native:     # the final figures: all four modules side by side

@@ -45,14 +45,15 @@ from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target, parse_target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
-REVISION = 3    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
+REVISION = 4    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
 CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
 # Distillation differentiates the model with a gradient module scheduled by tune's fixed rule (5.8 -> 0.6 s
 # per Adam step on 8 samples of EfficientNet-Lite0, 385 M MACs each, 2 Zen3 cores). Models over
-# DISTILL_LARGE_MACS per sample get 50 steps instead of 200 (EfficientNet-Lite0, each layer alone at W4A8, MQE
-# vs KL on photo crops: Spearman 0.91 after 50 steps, 0.92 after 200, 0.78 on noise); beyond DISTILL_MAX_MACS
-# (a ResNet-18: ~4 min, estimated), noise inputs instead.
+# DISTILL_LARGE_MACS per sample get DISTILL_LARGE_STEPS instead of 200 (EfficientNet-Lite0, each layer alone
+# at W4A8, MQE vs KL on 60 photo crops, Spearman after 10, 20, 30, 50, 200 steps: 0.93, 0.93, 0.92, 0.90, 0.92;
+# 0.78 on noise); beyond DISTILL_MAX_MACS (a ResNet-18: ~4 min, estimated), noise inputs instead.
 DISTILL_LARGE_MACS = 50_000_000
+DISTILL_LARGE_STEPS = 20
 DISTILL_MAX_MACS = 500_000_000
 
 
@@ -60,6 +61,7 @@ DISTILL_MAX_MACS = 500_000_000
 class Calibration:
     ranges: dict[str, tuple[float, float]]   # layer id -> (lo, hi) of the layer's input activation, clipped
     source: str                              # "distilled" | "noise" | "data"
+    means: dict[str, tuple[float, ...]] = field(default_factory=dict)   # layer id -> mean of each input channel
 
 
 @dataclass
@@ -75,13 +77,15 @@ class Sensitivity:
     def to_json(self) -> dict:
         return {"method": self.method, "source": self.calibration.source, "seconds": round(self.seconds, 3),
                 "stages": {k: round(v, 3) for k, v in self.stages.items()},
-                "ranges": {k: list(v) for k, v in self.calibration.ranges.items()}, "scores": self.scores}
+                "ranges": {k: list(v) for k, v in self.calibration.ranges.items()},
+                "means": {k: list(v) for k, v in self.calibration.means.items()}, "scores": self.scores}
 
 
     @classmethod
     def from_json(cls, d: dict) -> "Sensitivity":
         ranges = {k: (float(lo), float(hi)) for k, (lo, hi) in d["ranges"].items()}
-        return cls(d["method"], d["scores"], Calibration(ranges, d["source"]), d["seconds"], d.get("stages", {}))
+        means = {k: tuple(float(m) for m in v) for k, v in d["means"].items()}
+        return cls(d["method"], d["scores"], Calibration(ranges, d["source"], means), d["seconds"], d.get("stages", {}))
 
 
 def _model_hash(model: str | Path, params: tuple):
@@ -288,7 +292,8 @@ ACT_COLUMNS = 5   # inv_scale, zero point, qmax, enabled, scale
 
 @mutator
 class _Masker(PyExprMutator):
-    """conv2d/matmul(x, W const) -> conv2d/matmul(fake_quant(x, aq[i]), w_i param); collects layer inputs."""
+    """conv2d/matmul(x, W const) -> conv2d/matmul(fake_quant(x, aq[i]), w_i param), and a constant per-channel
+    bias added to its result -> b_i param (the bias correction changes it); collects layer inputs."""
 
     def __init__(self, mod: tvm.IRModule, ids: list[str], aq: relax.Var) -> None:
         super().__init__(mod)
@@ -296,10 +301,31 @@ class _Masker(PyExprMutator):
         self.counts = {"conv2d": 0, "matmul": 0}
         self.weights: dict[str, relax.Var] = {}
         self.constants: dict[str, np.ndarray] = {}
+        self.biases: dict[str, relax.Var] = {}
+        self.bias_constants: dict[str, np.ndarray] = {}
         self.inputs: dict[str, relax.Expr] = {}
+
+    def _bias_of(self, call: relax.Call) -> str | None:
+        """The layer whose result `call` adds a per-output-channel constant to, if it is one."""
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.add" and isinstance(call.args[0], relax.Var)
+                and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
+            return None
+        producer = self.lookup_binding(call.args[0])
+        lid = next((lid for lid, w in self.weights.items() if isinstance(producer, relax.Call)
+                    and len(producer.args) > 1 and producer.args[1].same_as(w)), None)
+        if lid is None or lid in self.biases:
+            return None
+        bias, weight = call.args[1].value.numpy(), self.constants[lid]
+        channels = weight.shape[1] if weight.ndim == 2 else weight.shape[0]    # matmul [K, N], conv OHWI
+        return lid if bias.size == channels and bias.shape[-1] == channels else None
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
+        lid = self._bias_of(call)
+        if lid is not None:
+            self.bias_constants[lid] = call.args[1].value.numpy()
+            self.biases[lid] = relax.Var(f"b_{lid}", call.args[1].ty)
+            return relax.Call(call.op, [call.args[0], self.biases[lid]], call.attrs)
         if not (isinstance(call.op, tvm.ir.Op) and call.op.name in QUANTIZABLE
                 and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
             return call
@@ -334,6 +360,7 @@ class MaskedModule:
     mod: tvm.IRModule
     fp32_weights: dict[str, np.ndarray]     # layer id -> the graph's weight constant
     segment_of: list[int]                   # per layer: the segment that quantizes and runs it
+    fp32_biases: dict[str, np.ndarray]      # layer id -> the constant added to its result, if it has one
 
     @property
     def segments(self) -> int:
@@ -372,12 +399,13 @@ def masked_module(mod: tvm.IRModule, layers: list[Layer]) -> MaskedModule:
         outputs = relax.Tuple([result, relax.Tuple([masker.inputs[i] for i in own])])
         out = relax.Var("out", outputs.ty)
         body.append(relax.VarBinding(out, outputs))
-        params += [aq] + [masker.weights[i] for i in own]
+        params += [aq] + [p for i in own for p in (masker.weights[i], masker.biases.get(i)) if p is not None]
         func = relax.Function(params, relax.SeqExpr([*blocks_k, relax.DataflowBlock(body)], out), out.ty)
         func = relax.utils.copy_with_new_vars(func)     # no var defined in two functions
         new[f"seg{k}"] = func.with_attrs({"num_input": len(params), "global_symbol": f"seg{k}"})
     new = relax.transform.CanonicalizeBindings()(new)
-    return MaskedModule(relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}, segment_of)
+    return MaskedModule(relax.transform.Normalize()(new), {i: masker.constants[i] for i in ids}, segment_of,
+                        masker.bias_constants)
 
 
 def _cuts(bindings: list[relax.Binding], reads: list, output: relax.Expr, candidates: set) -> list[int]:
@@ -417,7 +445,9 @@ class Simulation:
         self.vm = relax.VirtualMachine(build.compile_module(scheduled, target), tvm.cpu())
         self.segments = [self.vm[f"seg{k}"] for k in range(masked.segments)]
         self.layers = layers
-        self.fp32_args = [tvm.runtime.tensor(self.fp32_weights[layer.id]) for layer in layers]
+        self.fp32_biases = masked.fp32_biases
+        self.fp32_args = [[tvm.runtime.tensor(a) for a in (self.fp32_weights[layer.id], self.fp32_biases.get(layer.id))
+                           if a is not None] for layer in layers]
         self._entries: tuple[bytes, list[list]] | None = None     # (digest of x, per sample the segment inputs)
         self.build_seconds = time.perf_counter() - t0
 
@@ -425,15 +455,15 @@ class Simulation:
         row = np.array([1.0, 0.0, 2.0 ** 24, 0.0, 1.0], np.float32)
         return np.tile(row, (len(self.layers), 1))
 
-    def _args(self, aq: np.ndarray | None, weights: dict[int, tvm.runtime.Tensor] | None) -> list[list]:
-        """Per segment: aq and the weights of its layers."""
+    def _args(self, aq: np.ndarray | None, weights: dict[int, list[tvm.runtime.Tensor]] | None) -> list[list]:
+        """Per segment: aq and the weights (and biases) of its layers."""
         aq = tvm.runtime.tensor(self.idle_mask() if aq is None else aq)
         args = [[aq] for _ in self.segments]
         for index, segment in enumerate(self.segment_of):
-            args[segment].append((weights or {}).get(index, self.fp32_args[index]))
+            args[segment].extend((weights or {}).get(index, self.fp32_args[index]))
         return args
 
-    def run(self, x: np.ndarray, aq: np.ndarray | None = None, weights: dict[int, tvm.runtime.Tensor] | None = None
+    def run(self, x: np.ndarray, aq: np.ndarray | None = None, weights: dict[int, list[tvm.runtime.Tensor]] | None = None
             ) -> tuple[np.ndarray, list]:
         """Logits [N, classes] and, per sample, the inputs of the layers (batch-1 calls over x's leading axis)."""
         args, logits, inputs, entries = self._args(aq, weights), [], [], []
@@ -450,7 +480,7 @@ class Simulation:
             self._entries = (_digest(x), entries)
         return np.concatenate(logits), inputs
 
-    def logits(self, x: np.ndarray, aq: np.ndarray, weights: dict[int, tvm.runtime.Tensor]) -> np.ndarray:
+    def logits(self, x: np.ndarray, aq: np.ndarray, weights: dict[int, list[tvm.runtime.Tensor]]) -> np.ndarray:
         args = self._args(aq, weights)
         quantized = [i for i in range(len(self.layers)) if aq[i, 3] != 0 or i in weights]
         start = min((self.segment_of[i] for i in quantized), default=len(self.segments) - 1)
@@ -502,6 +532,22 @@ def ranges_of(layers: list[Layer], inputs: list, percentile: float = CLIP_PERCEN
     return ranges
 
 
+def means_of(layers: list[Layer], inputs: list) -> dict[str, tuple[float, ...]]:
+    """Per layer: the mean of each channel of its input (the last axis: NHWC, or a matmul's K) over the batch."""
+    return {layer.id: tuple(float(m) for m in np.concatenate(
+        [sample[i].numpy().reshape(-1, sample[i].shape[-1]) for sample in inputs]).mean(0, dtype=np.float64))
+        for i, layer in enumerate(layers)}
+
+
+def corrected_bias(layer: Layer, weight: np.ndarray, quantized: np.ndarray, bias: np.ndarray,
+                   input_mean: tuple[float, ...] | None) -> np.ndarray:
+    """`bias` (a graph constant, e.g. [1, 1, 1, O]) plus the bias correction of `weight` quantized (scheme.py)."""
+    if input_mean is None:
+        return bias
+    shift = kernels.bias_correction(kernels.ohwi(layer, weight), kernels.ohwi(layer, quantized), input_mean, layer.groups)
+    return (bias + shift.reshape(bias.shape)).astype(np.float32)
+
+
 def available(layer: Layer, configs: list[Config]) -> list[Config]:
     """Integer candidates that have a kernel for `layer` (depthwise/grouped: 8-bit activations only)."""
     return [c for c in configs if c.family != "fp32" and kernels.family(layer, c) is not None]
@@ -532,28 +578,33 @@ def weight_error_scores(sim_weights: dict[str, np.ndarray], layers: list[Layer],
     return scores
 
 
-def quantization_mask(sim: Simulation, layers: list[Layer], choice: dict[str, Config],
-                      ranges: dict[str, tuple[float, float]], reduce_range: bool
-                      ) -> tuple[np.ndarray, dict[int, tvm.runtime.Tensor]]:
-    """The simulation's arguments that quantize each layer of `choice` as its candidate (the rest FP32)."""
-    aq, weights = sim.idle_mask(), {}
+def quantization_mask(sim: Simulation, layers: list[Layer], choice: dict[str, Config], calibration: Calibration,
+                      reduce_range: bool) -> tuple[np.ndarray, dict[int, list[tvm.runtime.Tensor]]]:
+    """The simulation's arguments that quantize each layer of `choice` as its candidate (the rest FP32): its
+    activation row, its weight as the kernel sees it and its bias with the kernel's correction."""
+    aq, params = sim.idle_mask(), {}
     for i, layer in enumerate(layers):
         config = choice.get(layer.id)
         if config is None or config.family == "fp32":
             continue
-        aq[i] = act_row(*ranges[layer.id], config.abits)
-        weights[i] = tvm.runtime.tensor(fake_quant_weight(layer, config, sim.fp32_weights[layer.id], reduce_range))
-    return aq, weights
+        aq[i] = act_row(*calibration.ranges[layer.id], config.abits)
+        weight = sim.fp32_weights[layer.id]
+        quantized = fake_quant_weight(layer, config, weight, reduce_range)
+        params[i] = [tvm.runtime.tensor(quantized)]
+        if layer.id in sim.fp32_biases:
+            params[i].append(tvm.runtime.tensor(corrected_bias(layer, weight, quantized, sim.fp32_biases[layer.id],
+                                                               calibration.means.get(layer.id))))
+    return aq, params
 
 
-def masked_scores(sim: Simulation, layers: list[Layer], configs: list[Config], ranges: dict[str, tuple[float, float]],
+def masked_scores(sim: Simulation, layers: list[Layer], configs: list[Config], calibration: Calibration,
                   x: np.ndarray, metric, reduce_range: bool) -> dict[str, dict[str, float]]:
     """metric(masked logits) for each layer x candidate, quantizing that layer alone."""
     scores = {}
     for layer in layers:
         scores[layer.id] = {"FP32": 0.0}
         for config in available(layer, configs):
-            mask = quantization_mask(sim, layers, {layer.id: config}, ranges, reduce_range)
+            mask = quantization_mask(sim, layers, {layer.id: config}, calibration, reduce_range)
             scores[layer.id][config.name] = metric(sim.logits(x, *mask))
     return scores
 
@@ -563,9 +614,9 @@ class MixLoss:
     MQE's inputs. Per-layer scores do not add up to this when many layers are quantized coarsely (their
     errors compound, or the output saturates); the flow checks its choice with it."""
 
-    def __init__(self, sim: Simulation, layers: list[Layer], ranges: dict[str, tuple[float, float]], x: np.ndarray,
+    def __init__(self, sim: Simulation, layers: list[Layer], calibration: Calibration, x: np.ndarray,
                  reduce_range: bool) -> None:
-        self.sim, self.layers, self.ranges, self.x, self.reduce_range = sim, layers, ranges, x, reduce_range
+        self.sim, self.layers, self.calibration, self.x, self.reduce_range = sim, layers, calibration, x, reduce_range
         self.reference = sim.run(x)[0]
         self.cache: dict[tuple, float] = {}
 
@@ -573,7 +624,7 @@ class MixLoss:
         key = tuple(sorted(choice.items()))
         if key not in self.cache:
             configs = {lid: parse_config(name) for lid, name in choice.items()}
-            logits = self.sim.logits(self.x, *quantization_mask(self.sim, self.layers, configs, self.ranges,
+            logits = self.sim.logits(self.x, *quantization_mask(self.sim, self.layers, configs, self.calibration,
                                                                 self.reduce_range))
             self.cache[key] = float(kl_divergence(self.reference, logits).mean())
         return self.cache[key]
@@ -609,7 +660,7 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     t1 = time.perf_counter()
     ref, inputs = sim.run(x)
     if calibration is None:
-        calibration = Calibration(ranges_of(layers, inputs), source)
+        calibration = Calibration(ranges_of(layers, inputs), source, means_of(layers, inputs))
     stages["ranges"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     reduce_range = kernels.isa_of(target.tvm).reduce_range
@@ -622,7 +673,7 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
                   "output-mse": lambda z: float(np.mean((z - ref) ** 2)),
                   "accuracy": lambda z: float((ref.argmax(-1) == labels).mean() - (z.argmax(-1) == labels).mean()),
                   }[method]
-        scores = masked_scores(sim, layers, configs, calibration.ranges, x, metric, reduce_range)
+        scores = masked_scores(sim, layers, configs, calibration, x, metric, reduce_range)
     stages["scores"] = time.perf_counter() - t1
     return Sensitivity(method, scores, calibration, time.perf_counter() - t0, stages, scored, sim)
 
@@ -634,7 +685,7 @@ def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples:
     if data is not None:
         return load_calibration_data(data, shape), "data"
     if macs <= DISTILL_MAX_MACS and bn_statistics(onnx.load(str(model), load_external_data=False)):
-        steps = 200 if macs <= DISTILL_LARGE_MACS else 50
+        steps = 200 if macs <= DISTILL_LARGE_MACS else DISTILL_LARGE_STEPS
         return distill(model, shape, samples, seed, steps, cache_dir=distill_cache), "distilled"
     return noise_inputs(shape, samples, seed), "noise"
 

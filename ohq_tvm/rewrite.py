@@ -35,6 +35,7 @@ class LayerPlan:
     config: Config
     knobs: Knobs
     act_range: tuple[float, float]     # calibrated range of the layer's input
+    input_mean: tuple[float, ...] | None = None   # calibrated mean of each input channel: the bias correction
 
 
 @dataclass
@@ -158,7 +159,8 @@ class _Rewriter(PyExprMutator):
         consumer = self._quantized(chain.consumer)
         out_act = ActQuant.from_range(*consumer.act_range, consumer.config.abits) if consumer else None
         io = Io(codes_in=self._quantized(chain.producer) is not None, codes_out=out_act is not None)
-        packed = kernels.pack(layer, config, plan.knobs, self.isa, chain.weight, chain.bias, act, chain.clamp, out_act)
+        packed = kernels.pack(layer, config, plan.knobs, self.isa, chain.weight, chain.bias, act, chain.clamp, out_act,
+                              plan.input_mean)
         key = (layer.workload, config, plan.knobs, io)
         if key not in self.kernels:
             func = kernels.build(layer, config, plan.knobs, self.target, io)

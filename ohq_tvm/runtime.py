@@ -65,15 +65,20 @@ def median_ms(call: Callable[[], object], min_seconds: float) -> float:
     return statistics.median(samples) * 1e3
 
 
-def interleaved(timers: dict, rounds: int = 7, statistic: Callable[[list[float]], float] = statistics.median) -> dict:
-    """`statistic` over rounds of each timer's figure; each round runs every timer once, in turn, so machine
-    noise hits all alike."""
+def interleaved_runs(timers: dict, rounds: int = 7) -> dict[object, list[float]]:
+    """Each timer's figure in each round; a round runs every timer once, in turn, so machine noise hits all
+    alike (and a ratio of two timers is best taken within a round)."""
     runs: dict = {name: [] for name in timers}
     for _ in range(rounds):
         for name, timer in timers.items():
             time.sleep(0.05)    # let the previous system's spinning worker threads park before the next
             runs[name].append(timer())
-    return {name: statistic(values) for name, values in runs.items()}
+    return runs
+
+
+def interleaved(timers: dict, rounds: int = 7, statistic: Callable[[list[float]], float] = statistics.median) -> dict:
+    """`statistic` over the interleaved rounds of each timer's figure."""
+    return {name: statistic(values) for name, values in interleaved_runs(timers, rounds).items()}
 
 
 def time_side_by_side(paths: list[str | Path], shape: tuple[int, ...], threads: int, rounds: int = 5,

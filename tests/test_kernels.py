@@ -192,6 +192,22 @@ def test_low_bit_weight_scales_minimize_the_rounding_error(bits):
     assert error(codes, scale)[0] < 0.7 * error(at_peak, peak)[0]
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_bias_correction_cancels_the_mean_output_shift_of_quantized_weights(groups):
+    rng = np.random.default_rng(3)
+    x = rng.normal(rng.uniform(-1, 2, 8), 1.0, (500, 8))      # 500 pixels, channels with nonzero means
+    w = rng.standard_normal((12, 1, 1, 8 // groups))
+    codes, scale = kernels.quantize_weights(w, 2)
+    wq = codes * scale.reshape(-1, 1, 1, 1)
+
+    def out(weight):     # a grouped 1x1 conv: [500, 12]
+        og, cg = 12 // groups, 8 // groups
+        return np.concatenate([x[:, g * cg:(g + 1) * cg] @ weight[g * og:(g + 1) * og, 0, 0].T for g in range(groups)], 1)
+    shift = (out(wq) - out(w)).mean(0)
+    assert np.abs(shift).max() > 0.05
+    np.testing.assert_allclose(shift + kernels.bias_correction(w, wq, x.mean(0), groups), 0, atol=1e-5)
+
+
 def test_eight_bit_weights_keep_the_full_range():
     w = np.random.default_rng(1).standard_normal((8, 27)).astype(np.float32)
     codes, scale = kernels.quantize_weights(w, 8)

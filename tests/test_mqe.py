@@ -50,16 +50,18 @@ def test_simulation_agrees_with_the_integer_kernels(kind, tmp_path):
     configs = mqe.available(layer, CONFIGS)
     assert [c.name for c in configs] == (["W8A8", "W4A8", "W2A8"] if kind == "depthwise" else
                                          [c.name for c in CONFIGS[1:]])
+    assert layer.id in sim.fp32_biases        # the bias is a parameter: the simulation corrects it as the kernel
+    mean = x.reshape(-1, x.shape[-1]).mean(0)
+    calibration = mqe.Calibration({layer.id: (lo, hi)}, "data", {layer.id: tuple(mean)})
     for config in configs:
         knobs = kernels.knob_space(layer, config, ISA)[0]
-        packed = kernels.pack(layer, config, knobs, ISA, w, b, kernels.ActQuant.from_range(lo, hi, config.abits))
+        packed = kernels.pack(layer, config, knobs, ISA, w, b, kernels.ActQuant.from_range(lo, hi, config.abits),
+                              input_mean=mean)
         lib = build_kernel(layer, config, knobs, TARGET.tvm)
         out = tvm.runtime.tensor(np.zeros(layer.output_shape, np.float32))
         lib["main"](*(tvm.runtime.tensor(a) for a in (x, packed.w, packed.chan, packed.q)), out)
-        aq = sim.idle_mask()
-        aq[0] = mqe.act_row(lo, hi, config.abits)
-        wq = tvm.runtime.tensor(mqe.fake_quant_weight(layer, config, w, ISA.reduce_range))
-        simulated = sim.logits(x, aq, {0: wq}).reshape(layer.output_shape)
+        mask = mqe.quantization_mask(sim, [layer], {layer.id: config}, calibration, ISA.reduce_range)
+        simulated = sim.logits(x, *mask).reshape(layer.output_shape)
         step = packed.chan[0]                     # output LSB per channel: activation x weight scale
         assert np.all(np.abs(simulated - out.numpy()) <= step + 1e-4 * np.abs(simulated)), config.name
         unquantized = sim.logits(x, sim.idle_mask(), {}).reshape(layer.output_shape)
@@ -84,10 +86,10 @@ def test_a_run_from_a_later_segment_is_the_whole_run(fmnist):
     x, other = (rng.uniform(0, 1, (2, *imported.input_shape[1:])).astype(np.float32) for _ in range(2))
     sim.run(x)
     config = kernels.parse_config("W2A2")
-    ranges = {layer.id: (0.0, 4.0) for layer in layers}
+    calibration = mqe.Calibration({layer.id: (0.0, 4.0) for layer in layers}, "data")
     for index in (len(layers) - 1, len(layers) // 2):
         assert sim.segment_of[index] > 0
-        mask = mqe.quantization_mask(sim, layers, {layers[index].id: config}, ranges, ISA.reduce_range)
+        mask = mqe.quantization_mask(sim, layers, {layers[index].id: config}, calibration, ISA.reduce_range)
         for data in (x, other, x):     # the kept FP32 inputs follow x
             np.testing.assert_array_equal(sim.logits(data, *mask), sim.run(data, *mask)[0])
     assert not np.array_equal(sim.logits(x, *mask), sim.run(x)[0])
@@ -119,7 +121,7 @@ def test_mix_loss_of_one_layer_is_its_score_and_of_many_not_their_sum(fmnist):
     configs = [kernels.parse_config(n) for n in ("FP32", "W8A8", "W2A2")]
     result = mqe.estimate(FMNIST, imported, layers, configs, TARGET, calibration_data=x, simulation=sim)
     np.testing.assert_array_equal(result.inputs, x)
-    mix = mqe.MixLoss(sim, layers, result.calibration.ranges, result.inputs, ISA.reduce_range)
+    mix = mqe.MixLoss(sim, layers, result.calibration, result.inputs, ISA.reduce_range)
     fp32 = {l.id: "FP32" for l in layers}
     assert mix(fp32) == pytest.approx(0, abs=1e-9)
     first = layers[0].id

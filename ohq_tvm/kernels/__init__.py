@@ -29,7 +29,7 @@ from ..layers import Layer
 from . import bitserial, conv, grouped
 from .conv import Geometry, Io, Knobs
 from .isa import Isa, isa_of
-from .scheme import CANDIDATES, ActQuant, Config, conv_reference, parse_config, quantize_weights
+from .scheme import CANDIDATES, ActQuant, Config, bias_correction, conv_reference, parse_config, quantize_weights
 
 __all__ = ["CANDIDATES", "ActQuant", "Config", "Geometry", "Io", "Isa", "Knobs", "Packed", "build", "family",
            "isa_of", "knob_space", "ohwi", "pack", "pack_codes", "parse_config", "revision", "simulate"]
@@ -111,15 +111,19 @@ def ohwi(layer: Layer, weight: np.ndarray) -> np.ndarray:
 
 
 def pack(layer: Layer, config: Config, knobs: Knobs, isa: Isa, weight: np.ndarray, bias: np.ndarray | None,
-         act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf), out_act: ActQuant | None = None) -> Packed:
+         act: ActQuant, clamp: tuple[float, float] = (-np.inf, np.inf), out_act: ActQuant | None = None,
+         input_mean: tuple[float, ...] | np.ndarray | None = None) -> Packed:
     """Quantize `weight` (the layer's float weight, as the graph holds it) and lay it out for the kernel.
     `out_act`: the consumer's input quantizer, when the kernel hands it codes (`Io.codes_out`): folded into
-    the channel scale and offset, and the clamp becomes the code range (quantizing is monotonic)."""
+    the channel scale and offset, and the clamp becomes the code range (quantizing is monotonic).
+    `input_mean`: per input channel, for the bias correction (scheme.py)."""
     codes, wscale = quantize_weights(ohwi(layer, weight), config.wbits,
                                      reduce_range=isa.reduce_range and family(layer, config) == "dot")
     o = codes.shape[0]
     scale = (np.float32(act.scale) * wscale).astype(np.float32)
     bias = np.zeros(o, np.float32) if bias is None else bias.astype(np.float32)
+    if input_mean is not None:
+        bias = bias + bias_correction(ohwi(layer, weight), codes * wscale[:, None, None, None], input_mean, layer.groups)
     offset = bias - scale * np.float32(act.zero_point) * codes.reshape(o, -1).sum(1).astype(np.float32)
     offset = offset.astype(np.float32)
     if out_act is not None:
