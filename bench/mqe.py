@@ -43,8 +43,10 @@ ESTIMATORS = ("mqe", "weight-error", "output-mse")
 CONFIGS = candidates_for_bits([8, 4, 2, 1])
 
 
-def _quantized_onnx(model: onnx.ModelProto, node_index: int, layer, config, act_range, reduce_range) -> bytes:
-    """A copy of `model` (batch dimension freed) with layer `node_index` quantized as its kernel would be."""
+def _quantized_onnx(model: onnx.ModelProto, node_index: int, layer, config, act_range, input_mean,
+                    reduce_range) -> bytes:
+    """A copy of `model` (batch dimension freed) with layer `node_index` quantized as its kernel would be:
+    weights, input quantizer and bias correction."""
     m = onnx.ModelProto.FromString(model.SerializeToString())
     for value in (*m.graph.input, *m.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
@@ -58,11 +60,17 @@ def _quantized_onnx(model: onnx.ModelProto, node_index: int, layer, config, act_
                                             reduce_range and kernels.family(layer, config) == "dot")
     deq = (codes.astype(np.float32) * scale.reshape(-1, *[1] * (w.ndim - 1))).astype(np.float32)
     init.CopyFrom(numpy_helper.from_array(deq.T if transposed else deq, init.name))
+    ohwi = (lambda a: a.transpose(0, 2, 3, 1)) if w.ndim == 4 else (lambda a: a[:, None, None, :])  # noqa: E731
+    shift = kernels.bias_correction(ohwi(oihw), ohwi(deq), input_mean, layer.groups)
     act = kernels.ActQuant.from_range(*act_range, config.abits)
     consts = {"inv": act.inv_scale, "zp": act.zero_point, "qmax": 2 ** config.abits - 1, "zero": 0.0,
               "scale": act.scale}
     p = f"fq{node_index}_"
     m.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), p + k) for k, v in consts.items())
+    m.graph.initializer.append(numpy_helper.from_array(shift.reshape(-1, *[1] * (w.ndim - 2)), p + "shift"))
+    result = node.output[0]
+    node.output[0] = p + "out"
+    m.graph.node.insert(node_index + 1, helper.make_node("Add", [p + "out", p + "shift"], [result]))
     x = node.input[0]
     chain = [("Mul", [x, p + "inv"]), ("Round", [None]), ("Add", [None, p + "zp"]), ("Max", [None, p + "zero"]),
              ("Min", [None, p + "qmax"]), ("Sub", [None, p + "zp"]), ("Mul", [None, p + "scale"])]
@@ -104,7 +112,8 @@ def true_drops(calibration: mqe.Calibration, layers, reduce_range: bool) -> tupl
         drops[layer.id] = {}
         for config in mqe.available(layer, CONFIGS):
             # the anchors shift by 7 per inserted quantizer: each copy has only its own
-            blob = _quantized_onnx(model, index, layer, config, calibration.ranges[layer.id], reduce_range)
+            blob = _quantized_onnx(model, index, layer, config, calibration.ranges[layer.id],
+                                   calibration.means[layer.id], reduce_range)
             drops[layer.id][config.name] = fp32 - top1(blob)
     return drops, fp32, time.perf_counter() - t0
 
