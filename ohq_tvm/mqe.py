@@ -293,7 +293,8 @@ ACT_COLUMNS = 5   # inv_scale, zero point, qmax, enabled, scale
 @mutator
 class _Masker(PyExprMutator):
     """conv2d/matmul(x, W const) -> conv2d/matmul(fake_quant(x, aq[i]), w_i param), and a constant per-channel
-    bias added to its result -> b_i param (the bias correction changes it); collects layer inputs."""
+    bias added to its result -> b_i param (the bias correction changes it; a layer without one is simulated
+    uncorrected, while its kernel adds the correction to a zero bias); collects layer inputs."""
 
     def __init__(self, mod: tvm.IRModule, ids: list[str], aq: relax.Var) -> None:
         super().__init__(mod)
