@@ -312,8 +312,9 @@ class _Masker(PyExprMutator):
                 and isinstance(call.args[1], tvm.ir.expr.GenericConst)):
             return None
         producer = self.lookup_binding(call.args[0])
-        lid = next((lid for lid, w in self.weights.items() if isinstance(producer, relax.Call)
-                    and len(producer.args) > 1 and producer.args[1].same_as(w)), None)
+        if not (isinstance(producer, relax.Call) and len(producer.args) > 1):
+            return None
+        lid = next((lid for lid, w in self.weights.items() if producer.args[1].same_as(w)), None)
         if lid is None or lid in self.biases:
             return None
         bias, weight = call.args[1].value.numpy(), self.constants[lid]
