@@ -4,7 +4,7 @@ export TVM_NUM_THREADS ?= $(THREADS)
 APT_PACKAGES := gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf qemu-user-static file
 STAMP := .make/setup.stamp
 
-.PHONY: setup demo test bench bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory models clean
+.PHONY: setup demo test bench bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory bench-bias-correction models clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,7 @@ test: setup
 	$(PYTHON) -m pytest
 
 # Timings: run on a quiet machine (one timing job at a time). Results in bench/results/, summarized in README.
-bench: bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory
+bench: bench-fp32 bench-kernels bench-mqe bench-e2e bench-memory bench-bias-correction
 
 bench-fp32: setup
 	$(PYTHON) bench/fp32.py
@@ -38,6 +38,9 @@ bench-kernels: setup
 
 bench-mqe: setup
 	$(PYTHON) bench/mqe.py
+
+bench-bias-correction: setup
+	$(PYTHON) bench/bias_correction.py
 
 bench-e2e: setup
 	$(PYTHON) bench/e2e.py
