@@ -37,6 +37,10 @@ THREADS = (1, 2)
 MODEL_PATHS = {"fmnist": ROOT / "ohq_tvm" / "assets" / "fmnist_resnet.onnx",
                "efficientnet": ROOT / "models" / "efficientnet_lite0.onnx",
                "resnet18": ROOT / "models" / "resnet18.onnx", "mobilenetv2": ROOT / "models" / "mobilenetv2.onnx"}
+# The preprocessing's value range (Fashion-MNIST x / 255; EfficientNet's (x / 255 - 0.5) / 0.5): a fact about the
+# model its user states (--input-range), not data. Our data-free systems get it; the "unbounded inputs" ones show
+# the flow without it.
+INPUT_RANGES = {"fmnist": (0.0, 1.0), "efficientnet": (-1.0, 1.0)}
 
 
 def eval_set(model: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -60,13 +64,17 @@ def metrics(model: str, logits: np.ndarray, reference: np.ndarray, labels: np.nd
     return {}
 
 
-def ours(path: Path, calib_file: Path, tmp: Path) -> dict[str, dict]:
+def ours(path: Path, calib_file: Path, input_range: tuple[float, float] | None) -> dict[str, dict]:
     """Our systems: name -> {"exe", "report"}."""
     systems = {}
     trials = int(os.environ.get("TUNE_TRIALS", "16"))
-    for name, options in [("ohq_tvm fp32", Options(uniform="FP32")), ("ohq_tvm int8", Options(uniform="W8A8")),
-                          ("ohq_tvm mixed default", Options()),
-                          *[(f"ohq_tvm mixed {b}", Options(latency_budget=str(b))) for b in BUDGETS],
+    unbounded = [("ohq_tvm int8, unbounded inputs", Options(uniform="W8A8")),
+                 ("ohq_tvm mixed 0.9, unbounded inputs", Options(latency_budget="0.9"))] if input_range else []
+    for name, options in [("ohq_tvm fp32", Options(uniform="FP32")),
+                          *[(n, replace(o, input_range=input_range)) for n, o in [
+                              ("ohq_tvm int8", Options(uniform="W8A8")), ("ohq_tvm mixed default", Options()),
+                              *[(f"ohq_tvm mixed {b}", Options(latency_budget=str(b))) for b in BUDGETS]]],
+                          *unbounded,
                           ("ohq_tvm mixed 0.75 calibrated", Options(latency_budget="0.75", calibration_data=calib_file))]:
         t0 = time.perf_counter()
         try:
@@ -95,7 +103,7 @@ def bench_model(model: str, rounds: int) -> list[dict]:
         np.save(calib_file, x_calib)
         print(f"{model}: onnxruntime INT8 (static QDQ, per-channel, calibrated on {len(x_calib)} disjoint inputs)")
         ort_int8 = quantize(path, x_calib, tmp / "int8.onnx")
-        systems = ours(path, calib_file, tmp)
+        systems = ours(path, calib_file, INPUT_RANGES.get(model))
         for name, s in list(systems.items()):
             if "error" in s:
                 rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
@@ -141,6 +149,8 @@ def bench_model(model: str, rounds: int) -> list[dict]:
             if s["report"] is not None:
                 rows.append({"model": model, "system": name, "threads": None, "median_ms": None,
                              "metric": "config", "value": s["report"].config})
+                rows += [{"model": model, "system": name, "threads": None, "median_ms": None, "metric": "note",
+                          "value": note} for note in s["report"].notes]
                 if s["report"].predicted_ms is not None:    # the latency model's figure for the module at 2 threads
                     rows.append({"model": model, "system": name, "threads": 2, "median_ms": None,
                                  "metric": "predicted_ms", "value": round(s["report"].predicted_ms, 4)})
@@ -156,7 +166,7 @@ def markdown(rows: list[dict]) -> str:
         mine = [r for r in rows if r["model"] == model]
         systems = list(dict.fromkeys(r["system"] for r in mine if r["metric"] == "latency_ms"))
         acc = sorted({r["metric"] for r in mine} - {"latency_ms", "compile_seconds", "config", "error", "predicted_ms",
-                                                    "vs_int8"})
+                                                    "vs_int8", "note"})
         predicted = {r["system"]: r["value"] for r in mine if r["metric"] == "predicted_ms"}
         lat = {(r["system"], r["threads"]): r["median_ms"] for r in mine if r["metric"] == "latency_ms"}
         val = {(r["system"], r["metric"]): r["value"] for r in mine if r["metric"] in acc}
@@ -172,7 +182,7 @@ def markdown(rows: list[dict]) -> str:
                          + f" | {_prediction(predicted.get(s), lat.get((s, 2)))} | "
                          + " | ".join("-" if (s, m) not in val else f"{val[s, m]:.4f}" for m in acc)
                          + f" | {compile_s.get(s, '-')} |")
-        lines += [f"- {r['system']}: {r['value']}" for r in mine if r["metric"] == "error"]
+        lines += [f"- {r['system']}: {r['value']}" for r in mine if r["metric"] in ("error", "note")]
         for r in mine:     # where a compile's time goes (the first compiles of a model tune and measure cold)
             if r["metric"] == "compile_seconds" and r.get("stages"):
                 stages = ", ".join(f"{k} {v:g}" for k, v in r["stages"].items())

@@ -11,6 +11,8 @@ from .errors import OhqError
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + error; we want one line
+        if message.startswith("argument --input-range: expected one argument"):
+            message += " (a negative LO needs '=': --input-range=-1,1)"
         raise OhqError(message)
 
 
@@ -31,6 +33,22 @@ def parse_bits(text: str) -> tuple[int, ...]:
     if not set(bits) <= {1, 2, 4, 8}:
         raise OhqError(f"--bits {text!r}: supported bit-widths are 8, 4, 2, 1")
     return bits
+
+
+def input_range_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-range", type=_parse_range, metavar="LO,HI",
+                        help="the model input's value range when known, e.g. --input-range=-1,1 (a negative LO "
+                             "needs the '=') or 0,1 for normalized images: data-free inputs stay in it")
+
+
+def _parse_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise OhqError(f"--input-range {text!r}: expected LO,HI, e.g. -1,1") from None
+    if not lo < hi:
+        raise OhqError(f"--input-range {text!r}: LO must be below HI")
+    return lo, hi
 
 
 def quiet_tvm_logs() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 
 from . import build, kernels, mqe, report, solve, tune
-from .cli import ArgumentParser, common_args, parse_bits, quiet_tvm_logs
+from .cli import ArgumentParser, common_args, input_range_arg, parse_bits, quiet_tvm_logs
 from .errors import OhqError, run_cli
 from .frontend import Imported, load_onnx, parse_shape, run_onnxruntime
 from .layers import Layer, find_layers, layer_table
@@ -51,6 +51,8 @@ class Options:
     max_loss: float | None = None               # whole-model estimated loss at most this x uniform INT8's
                                                 # (default 1 without a latency budget, unchecked with one)
     calibration_data: str | Path | None = None
+    input_range: tuple[float, float] | None = None   # the model input's bounds (e.g. -1, 1), when known: the
+                                                # data-free inputs stay in them
     samples: int = 8
     seed: int = 0
     tune_trials: int = 32                       # MetaSchedule trials per kernel missing from the logs
@@ -163,7 +165,7 @@ class Flow:
         host = self.host
         o = self.options
         key = mqe.cache_key(self.model, configs, o.sensitivity, o.samples, o.seed, o.calibration_data,
-                            kernels.isa_of(host.tvm).reduce_range)
+                            kernels.isa_of(host.tvm).reduce_range, o.input_range)
         cache = self.mqe_dir / f"{key}.json"
         if cache.is_file():
             try:
@@ -174,7 +176,7 @@ class Flow:
             result = mqe.estimate(self.model, self.imported, self.layers, configs, host, method=o.sensitivity,
                                   calibration_data=o.calibration_data, samples=o.samples, seed=o.seed,
                                   work_dir=self.work_dir, tune_trials=min(o.tune_trials, SIMULATION_TRIALS),
-                                  distill_cache=self.mqe_dir)
+                                  distill_cache=self.mqe_dir, input_range=o.input_range)
         cache.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(cache, json.dumps(result.to_json()))
         return result
@@ -186,7 +188,7 @@ class Flow:
         if x is None:     # scores from the cache
             x, pick, _ = mqe.scoring_inputs(self.model, self.imported.input_shape, o.calibration_data,
                                             o.samples, o.seed, macs=sum(layer.macs for layer in self.layers),
-                                            distill_cache=self.mqe_dir)
+                                            distill_cache=self.mqe_dir, input_range=o.input_range)
             x = x[pick]
         sim = sens.simulation     # built by this compile's MQE run, or not yet (scores from the cache)
         if sim is None:
@@ -224,10 +226,10 @@ class Flow:
         executable = build.compile_module(scheduled, self.target)
         return executable, rewrite.records, build.compile_module(hollow(scheduled), self.target) if rest else None
 
-    def time(self, *executables) -> list[float | None]:
+    def time(self, *executables, rounds: int = 5) -> list[float | None]:
         if not self.target.native:
             return [None] * len(executables)
-        return _time_ms(list(executables), self.imported.input_shape, self.target.threads)
+        return _time_ms(list(executables), self.imported.input_shape, self.target.threads, rounds)
 
     def uniform(self, name: str) -> dict[str, str]:
         """`name` for every layer that has that kernel, FP32 for the others."""
@@ -359,8 +361,12 @@ def compile_onnx(model: str | Path, target: str | Target = "llvm", *, input_shap
         if options.baselines and target.native:     # the final figures: all four modules side by side
             fp32_ms, uniform_ms, rest_ms, measured = flow.time(fp32_exe, int8_exe, rest_exe, executable)
     notes: list[str] = []
-    if fixed_choice is None and measured is not None and uniform_ms is not None and choice != int8 \
-            and (budget_ms is None or budget_ms < uniform_ms) and measured > 1.02 * uniform_ms:
+    asked_faster = fixed_choice is None and measured is not None and uniform_ms is not None and choice != int8 \
+        and (budget_ms is None or budget_ms < uniform_ms)
+    if asked_faster and measured > 1.02 * uniform_ms:
+        with _stage(stages, "time"):    # one timing can catch a noisy spell: confirm on a longer one
+            measured, uniform_ms = flow.time(executable, int8_exe, rounds=15)
+    if asked_faster and measured > 1.02 * uniform_ms:
         # The latency model is per layer; the network is what counts: never ship slower than uniform INT8
         # when asked to be faster than it.
         changed = ", ".join(f"{lid} {name}" for lid, name in choice.items() if name != int8[lid])
@@ -441,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="per-layer choice from a sidecar (<output>.quant.json)")
     parser.add_argument("--sensitivity", default="mqe", choices=mqe.METHODS[:3], help="estimator (default mqe)")
     parser.add_argument("--calibration-data", type=Path, help="folder of images, .npy or .npz (default: data-free)")
+    input_range_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pareto", type=int, default=8, help="budgets swept for the report's Pareto front")
     parser.add_argument("--no-baselines", action="store_true",
@@ -481,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_loss=args.max_loss,
                       exclude=tuple(args.exclude), uniform=args.uniform,
                       config=_read_config(args.config) if args.config else None, sensitivity=args.sensitivity,
-                      calibration_data=args.calibration_data, seed=args.seed, tune_trials=args.tune_trials,
+                      calibration_data=args.calibration_data, input_range=args.input_range, seed=args.seed,
+                      tune_trials=args.tune_trials,
                       pareto=args.pareto, baselines=not args.no_baselines,
                       rpc=(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None)
 

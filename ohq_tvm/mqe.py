@@ -45,15 +45,17 @@ from .layers import QUANTIZABLE, Layer, copy_module
 from .target import Target, parse_target
 
 METHODS = ("mqe", "weight-error", "output-mse", "accuracy")
-REVISION = 4    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
+REVISION = 5    # of the estimator: bump it when a change alters the scores, so cached results are recomputed
 CLIP_PERCENTILE = 0.001         # activation ranges: [p, 100 - p] percentiles of the layer input
 # Distillation differentiates the model with a gradient module scheduled by tune's fixed rule (5.8 -> 0.6 s
 # per Adam step on 8 samples of EfficientNet-Lite0, 385 M MACs each, 2 Zen3 cores). Models over
 # DISTILL_LARGE_MACS per sample get DISTILL_LARGE_STEPS instead of 200 (EfficientNet-Lite0, each layer alone
 # at W4A8, MQE vs KL on 60 photo crops, Spearman after 10, 20, 30, 50, 200 steps: 0.93, 0.93, 0.92, 0.90, 0.92;
-# 0.78 on noise); beyond DISTILL_MAX_MACS (a ResNet-18: ~4 min, estimated), noise inputs instead.
+# 0.78 on noise); beyond DISTILL_MAX_MACS (a ResNet-18: ~4 min, estimated), noise inputs instead. 40 rather
+# than 20 for the ranges and the bias correction's channel means (EfficientNet-Lite0's 0.9-budget mix through
+# the simulation on 200 photo crops, KL 0.44 -> 0.34; with the input range given 0.35 -> 0.28).
 DISTILL_LARGE_MACS = 50_000_000
-DISTILL_LARGE_STEPS = 20
+DISTILL_LARGE_STEPS = 40
 DISTILL_MAX_MACS = 500_000_000
 
 
@@ -97,11 +99,14 @@ def _model_hash(model: str | Path, params: tuple):
 
 
 def cache_key(model: str | Path, configs: list[Config], method: str, samples: int, seed: int,
-              calibration_data: str | Path | None, reduce_range: bool) -> str:
+              calibration_data: str | Path | None, reduce_range: bool,
+              input_range: tuple[float, float] | None = None) -> str:
     """Everything a Sensitivity depends on: the model's bytes, the candidates, the estimator and its inputs."""
     h = _model_hash(model, (sorted(c.name for c in configs), method, samples, seed, reduce_range, CLIP_PERCENTILE))
     if REVISION > 1:      # revision-1 caches (from before the field) keep their keys
         h.update(f"revision {REVISION}".encode())
+    if input_range is not None and calibration_data is None:
+        h.update(f"input range {tuple(map(float, input_range))}".encode())
     if calibration_data is not None:
         path = Path(calibration_data)
         for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
@@ -184,15 +189,18 @@ def bn_statistics(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.ndar
 
 
 def distill(model_path: str | Path, shape: tuple[int, ...], samples: int, seed: int = 0, steps: int = 200,
-            lr: float = 0.1, cache_dir: Path | None = None) -> np.ndarray:
+            lr: float = 0.1, cache_dir: Path | None = None, input_range: tuple[float, float] | None = None
+            ) -> np.ndarray:
     """ZeroQ: inputs whose per-channel batch statistics at every BN input match the BN's running ones.
+    `input_range`: the model input's known bounds (e.g. an image preprocessing's -1, 1): the inputs start as
+    `noise_inputs` in it and stay in it (projected after each step); else they start as N(0, 1), unbounded.
     `cache_dir` keeps them (minutes for large models), keyed by the model's bytes and the arguments."""
     if cache_dir is not None:
-        h = _model_hash(model_path, (tuple(shape[1:]), samples, seed, steps, lr, REVISION))
-        cached = Path(cache_dir) / f"distilled-{h.hexdigest()[:20]}.npy"
+        key = (tuple(shape[1:]), samples, seed, steps, lr, REVISION) + ((tuple(input_range),) if input_range else ())
+        cached = Path(cache_dir) / f"distilled-{_model_hash(model_path, key).hexdigest()[:20]}.npy"
         if cached.is_file():
             return np.load(cached)
-        x = distill(model_path, shape, samples, seed, steps, lr)
+        x = distill(model_path, shape, samples, seed, steps, lr, input_range=input_range)
         cached.parent.mkdir(parents=True, exist_ok=True)
         build.atomic_write(cached, lambda path: np.save(path, x))
         return x
@@ -201,14 +209,18 @@ def distill(model_path: str | Path, shape: tuple[int, ...], samples: int, seed: 
     if not stats:
         raise OhqError(f"{model_path}: no BatchNormalization statistics to distill inputs from")
     step = _distill_step(model, stats, (samples, *shape[1:]))
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((samples, *shape[1:])).astype(np.float32)
+    if input_range:
+        x = noise_inputs(shape, samples, seed, input_range)
+    else:
+        x = np.random.default_rng(seed).standard_normal((samples, *shape[1:])).astype(np.float32)
     m, v = np.zeros_like(x), np.zeros_like(x)
     for t in range(1, steps + 1):       # Adam
         _, grad = step(x)
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * grad * grad
         x -= lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        if input_range:
+            np.clip(x, *input_range, out=x)
     return x.astype(np.float32)
 
 
@@ -633,9 +645,10 @@ class MixLoss:
 
 
 def scoring_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
-                   macs: int = 0, distill_cache: Path | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+                   macs: int = 0, distill_cache: Path | None = None, input_range: tuple[float, float] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
     """(inputs the ranges come from, indices of the `samples` of them scores are computed on, source)."""
-    x, source = calibration_inputs(model, shape, data, samples, seed, macs, distill_cache)
+    x, source = calibration_inputs(model, shape, data, samples, seed, macs, distill_cache, input_range)
     if len(x) <= samples:
         return x, np.arange(len(x)), source
     return x, np.sort(np.random.default_rng(seed).choice(len(x), samples, replace=False)), source
@@ -645,8 +658,10 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
              method: str = "mqe", calibration_data: str | Path | np.ndarray | None = None, samples: int = 8,
              seed: int = 0, work_dir: str | Path = "tuning_logs", tune_trials: int = 16,
              labels: np.ndarray | None = None, calibration: Calibration | None = None,
-             simulation: Simulation | None = None, distill_cache: Path | None = None) -> Sensitivity:
-    """Scores of every (layer, candidate) by `method`; `calibration` reuses given ranges (e.g. distilled ones)."""
+             simulation: Simulation | None = None, distill_cache: Path | None = None,
+             input_range: tuple[float, float] | None = None) -> Sensitivity:
+    """Scores of every (layer, candidate) by `method`; `calibration` reuses given ranges (e.g. distilled ones);
+    `input_range`: the model input's bounds, when known (`calibration_inputs`)."""
     if method not in METHODS:
         raise OhqError(f"unknown --sensitivity {method!r}; choose from {', '.join(METHODS)}")
     if method == "accuracy" and (calibration_data is None or labels is None):
@@ -654,7 +669,7 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
     t0 = time.perf_counter()
     stages = {}
     x, pick, source = scoring_inputs(model, imported.input_shape, calibration_data, samples, seed,
-                                     sum(layer.macs for layer in layers), distill_cache)
+                                     sum(layer.macs for layer in layers), distill_cache, input_range)
     scored = x[pick]
     stages["inputs"] = time.perf_counter() - t0
     sim = simulation or Simulation(imported, layers, target, work_dir, tune_trials)
@@ -681,15 +696,17 @@ def estimate(model: str | Path, imported: Imported, layers: list[Layer], configs
 
 
 def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples: int, seed: int,
-                       macs: int = 0, distill_cache: Path | None = None) -> tuple[np.ndarray, str]:
+                       macs: int = 0, distill_cache: Path | None = None,
+                       input_range: tuple[float, float] | None = None) -> tuple[np.ndarray, str]:
     """Real data if given; else inputs distilled from BN statistics (`macs`: per sample, see DISTILL_MAX_MACS);
-    else noise."""
+    else noise. `input_range`: the model input's bounds, when known (data-free inputs stay in it)."""
     if data is not None:
         return load_calibration_data(data, shape), "data"
     if macs <= DISTILL_MAX_MACS and bn_statistics(onnx.load(str(model), load_external_data=False)):
         steps = 200 if macs <= DISTILL_LARGE_MACS else DISTILL_LARGE_STEPS
-        return distill(model, shape, samples, seed, steps, cache_dir=distill_cache), "distilled"
-    return noise_inputs(shape, samples, seed), "noise"
+        return distill(model, shape, samples, seed, steps, cache_dir=distill_cache, input_range=input_range), \
+            "distilled"
+    return noise_inputs(shape, samples, seed, input_range or (-1.0, 1.0)), "noise"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from .cli import ArgumentParser, common_args, parse_bits, quiet_tvm_logs
+    from .cli import ArgumentParser, common_args, input_range_arg, parse_bits, quiet_tvm_logs
     from .frontend import load_onnx, parse_shape
     from .layers import find_layers
     from .measure import candidates_for_bits
@@ -727,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity", default="mqe", choices=METHODS, help="estimator (default mqe)")
     parser.add_argument("--calibration-data", type=Path,
                         help="folder of images, .npy, or .npz with x (and y: labels, for --sensitivity accuracy)")
+    input_range_arg(parser)
     parser.add_argument("--bits", default="8,4,2,1", help="allowed weight/activation bit-widths (default 8,4,2,1)")
     parser.add_argument("--samples", type=int, default=8,
                         help="synthetic inputs, or the calibration inputs that score candidates (default 8)")
@@ -751,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     with console.status(f"{args.sensitivity}: {len(layers)} layers x {len(configs)} candidates"):
         result = estimate(args.model, imported, layers, configs, target, method=args.sensitivity,
                           calibration_data=data, samples=args.samples, seed=args.seed, work_dir=args.work_dir,
-                          tune_trials=args.tune_trials, labels=labels)
+                          tune_trials=args.tune_trials, labels=labels,
+                          input_range=args.input_range)
     Console().print(score_table(result, layers, configs))
     console.print("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.stages.items()))
     if args.json:

@@ -80,6 +80,9 @@ def test_sidecar_config_rebuilds_and_cross_compiles(flow, work_dir, tmp_path):
     (["--uniform", "W3A3"], "unknown candidate"),
     (["--exclude", "conv2d77"], "no layer"),
     (["--bits", "8,3"], "supported bit-widths"),
+    (["--input-range", "1,0"], "LO must be below HI"),
+    (["--input-range", "0,one"], "expected LO,HI"),
+    (["--input-range", "-1,1"], "--input-range=-1,1"),
 ])
 def test_bad_options_are_one_line_exit_2(args, message, tmp_path):
     result = run_cli("compile", FMNIST, "--output", tmp_path / "m.so", *args)

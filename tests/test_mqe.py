@@ -188,6 +188,11 @@ def test_distillation_reads_exported_graphs(tmp_path):
     step = mqe._distill_step(model, mqe.bn_statistics(model), (4, 3, 8, 8))
     noise = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     assert step(mqe.distill(path, (1, 3, 8, 8), samples=4, steps=40))[0] < 0.5 * step(noise)[0]
+    # a known input range: the inputs start as noise in it and never leave it
+    start = mqe.noise_inputs((1, 3, 8, 8), 4, 0, (0.0, 1.0))
+    boxed = mqe.distill(path, (1, 3, 8, 8), samples=4, steps=40, input_range=(0.0, 1.0))
+    assert boxed.min() >= 0.0 and boxed.max() <= 1.0
+    assert step(boxed)[0] < 0.5 * step(start)[0]
 
 
 def test_calibration_data_errors(tmp_path):
@@ -216,8 +221,11 @@ def test_cli_prints_and_writes_scores(work_dir, tmp_path):
 def test_cache_key_follows_inputs_and_estimator_revision(monkeypatch):
     configs = candidates_for_bits([8, 2])
     key = lambda **kw: mqe.cache_key(FMNIST, kw.get("configs", configs), "mqe", 8, kw.get("seed", 0),  # noqa: E731
-                                     None, False)
+                                     kw.get("data"), False, kw.get("input_range"))
     assert key() == key() and key(seed=1) != key() and key(configs=configs[:2]) != key()
+    assert key(input_range=(0.0, 1.0)) not in (key(), key(input_range=(-1.0, 1.0)))
+    # real calibration data: the range bounds only synthetic inputs
+    assert key(data=FMNIST, input_range=(0.0, 1.0)) == key(data=FMNIST)
     before = key()
     monkeypatch.setattr(mqe, "REVISION", mqe.REVISION + 1)
     assert key() != before
