@@ -68,13 +68,12 @@ def ours(path: Path, calib_file: Path, input_range: tuple[float, float] | None) 
     """Our systems: name -> {"exe", "report"}."""
     systems = {}
     trials = int(os.environ.get("TUNE_TRIALS", "16"))
-    unbounded = [("ohq_tvm int8, unbounded inputs", Options(uniform="W8A8")),
-                 ("ohq_tvm mixed 0.9, unbounded inputs", Options(latency_budget="0.9"))] if input_range else []
+    data_free = [("ohq_tvm int8", Options(uniform="W8A8")), ("ohq_tvm mixed default", Options()),
+                 *[(f"ohq_tvm mixed {b}", Options(latency_budget=str(b))) for b in BUDGETS]]
+    unbounded = [(f"{n}, unbounded inputs", o) for n, o in data_free
+                 if input_range and n in ("ohq_tvm int8", "ohq_tvm mixed 0.9")]
     for name, options in [("ohq_tvm fp32", Options(uniform="FP32")),
-                          *[(n, replace(o, input_range=input_range)) for n, o in [
-                              ("ohq_tvm int8", Options(uniform="W8A8")), ("ohq_tvm mixed default", Options()),
-                              *[(f"ohq_tvm mixed {b}", Options(latency_budget=str(b))) for b in BUDGETS]]],
-                          *unbounded,
+                          *[(n, replace(o, input_range=input_range)) for n, o in data_free], *unbounded,
                           ("ohq_tvm mixed 0.75 calibrated", Options(latency_budget="0.75", calibration_data=calib_file))]:
         t0 = time.perf_counter()
         try:

@@ -119,12 +119,12 @@ def cache_key(model: str | Path, configs: list[Config], method: str, samples: in
 # Synthetic and user calibration inputs
 
 def noise_inputs(shape: tuple[int, ...], samples: int, seed: int = 0,
-                 input_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """Noise centred in `input_range`, std a quarter of its width, clipped to it. Images (NCHW) get natural
+                 input_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Noise centred in `input_range` (default -1..1), std a quarter of its width, clipped to it. Images (NCHW) get natural
     images' statistics: a 1/f amplitude spectrum (edges at every scale) and channels that are mostly one
     shared luminance field, chroma 0.3 of it."""
     rng = np.random.default_rng(seed)
-    lo, hi = input_range
+    lo, hi = input_range or (-1.0, 1.0)
     if len(shape) == 4:
         n, c, h, w = samples, *shape[1:]
         f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])
@@ -706,7 +706,7 @@ def calibration_inputs(model: str | Path, shape: tuple[int, ...], data, samples:
         steps = 200 if macs <= DISTILL_LARGE_MACS else DISTILL_LARGE_STEPS
         return distill(model, shape, samples, seed, steps, cache_dir=distill_cache, input_range=input_range), \
             "distilled"
-    return noise_inputs(shape, samples, seed, input_range or (-1.0, 1.0)), "noise"
+    return noise_inputs(shape, samples, seed, input_range), "noise"
 
 
 # ---------------------------------------------------------------------------------------------
